@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make repro` (the study) and `make test` (the tests).
+# Both create or reuse the virtualenv in $(VENV) first.
+VENV ?= .venv
+PIP_VERSION := 26.3
+SHARED_MIRROR := $(abspath ../shared/data/mnist)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# A local MNIST mirror beside the checkout is used when present (no download needed).
+ifneq ($(wildcard $(SHARED_MIRROR)/train-images-idx3-ubyte.gz),)
+export PARAMSHARE_MNIST_MIRROR ?= $(SHARED_MIRROR)
+endif
+
+.PHONY: setup repro test test-slow test-all lint clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet "pip==$(PIP_VERSION)"
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+repro: setup
+	dvc repro
+
+test: setup
+	python -m pytest -m "not slow"
+
+test-slow: setup
+	python -m pytest -m slow
+
+test-all: setup
+	python -m pytest
+
+lint: setup
+	ruff check .
+
+clean:
+	rm -rf $(VENV)

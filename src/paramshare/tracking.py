@@ -1,0 +1,184 @@
+"""The one place that talks to MLflow: store location, run names, tags, models.
+
+The embedded default store is SQLite at the repository root, anchored there even when DVC
+runs a stage in a copy of the repository (`dvc exp run --temp/--queue` works in
+<repo>/.dvc/tmp/exps/...): a relative URI would write into that copy and be lost.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import torch
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from paramshare.config import Config, flatten
+
+EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+DEFAULT_EXPERIMENT = "paramshare"
+PACKAGE_DIR = Path(__file__).resolve().parent
+EXP_WORKSPACE = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
+
+
+def repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The user's repository: $DVC_ROOT or the cwd, lifted out of a DVC experiment copy."""
+    here = Path(start or os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    text = str(here) + os.sep
+    if EXP_WORKSPACE in text:
+        return Path(text[: text.index(EXP_WORKSPACE)])
+    for candidate in (here, *here.parents):
+        if (candidate / ".dvc").is_dir() or (candidate / ".git").exists():
+            return candidate
+    return here
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _is_embedded(uri: str) -> bool:
+    return uri.startswith("sqlite:///")
+
+
+def setup() -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id.
+
+    Creating the SQLite schema from several processes at once can race, so the first
+    use is serialised with a file lock beside the database.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    lock = contextlib.nullcontext()
+    if _is_embedded(uri):
+        lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = _file_lock(lock_path)
+    with lock:
+        client = MlflowClient()
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        artifacts = None
+        if _is_embedded(uri):
+            artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        return client.create_experiment(name, artifact_location=artifacts)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def run_name(family: str, cfg: Config) -> str:
+    tie = "tied" if cfg.model.tied else "untied"
+    return f"{family}/{tie}/n={cfg.data.train_size}/seed={cfg.seed}"
+
+
+def run_tags(family: str, cfg: Config, data_digest: str) -> dict[str, str]:
+    tags = {
+        "family": family,
+        "tied": str(cfg.model.tied).lower(),
+        "train_size": str(cfg.data.train_size),
+        "seed": str(cfg.seed),
+        "data_digest": data_digest,
+    }
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
+    for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev"),
+                     ("DVC_STAGE", "dvc_stage")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+class TrainingRun:
+    """Handle on the active MLflow run of one trained model."""
+
+    def __init__(self, run: mlflow.ActiveRun):
+        self.run_id = run.info.run_id
+        self.experiment_id = run.info.experiment_id
+
+    def log_epoch(self, entry: dict) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]))
+
+    def log_metrics(self, metrics: dict) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+
+    def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
+        """Pickle serialisation keeps shared tensors shared (MLflow's pt2 default unties
+        them); the package travels with the model through code_paths."""
+        model.eval()
+        with torch.no_grad():
+            output = model(example).numpy()
+        mlflow.pytorch.log_model(
+            model, name="model", serialization_format="pickle",
+            signature=infer_signature(example.numpy(), output), input_example=example.numpy(),
+            code_paths=[str(PACKAGE_DIR)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
+
+    def reference(self) -> dict:
+        return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": tracking_uri()}
+
+
+@contextlib.contextmanager
+def training_run(family: str, cfg: Config, data_digest: str) -> Iterator[TrainingRun]:
+    """One MLflow run per trained model; ends FAILED on an error, KILLED on an interrupt."""
+    experiment_id = setup()
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(family, cfg),
+                           tags=run_tags(family, cfg, data_digest))
+    try:
+        mlflow.log_params({"family": family, **flatten(cfg.to_dict())})
+        yield TrainingRun(run)
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def log_to_run(run_id: str, metrics: dict) -> bool:
+    """Add final metrics to a finished run; False when the store does not hold it."""
+    setup()
+    client = MlflowClient()
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+    return True
+
+
+def load_model(run_id: str) -> torch.nn.Module:
+    setup()
+    return mlflow.pytorch.load_model(f"runs:/{run_id}/model")

@@ -1,0 +1,183 @@
+"""The training loop over in-memory tensors: seeding, batching, schedule, progress.
+
+No DataLoader and no per-sample Python: images are normalised once into one float tensor
+and every batch is an index into it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from paramshare import paths
+from paramshare.config import Config, TrainConfig
+from paramshare.data import Prepared, atomic_write, atomic_write_json, normalise, read_digest
+from paramshare.metrics import evaluate_split, param_uses_count, unique_param_count
+from paramshare.models import build
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and batch."""
+
+
+def set_threads(threads: int) -> int:
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _batches(n: int, steps: int, batch_size: int, g: torch.Generator) -> list[torch.Tensor]:
+    """steps batches of indices into n items: one shuffled pass (last batch partial) when
+    steps covers n exactly, else full batches from shuffled passes cycled as needed."""
+    if steps == math.ceil(n / batch_size):
+        order = torch.randperm(n, generator=g)
+    else:
+        passes = math.ceil(steps * batch_size / n)
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(passes)])
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, seed: int,
+        on_epoch: Callable[[dict], None] | None = None, max_steps: int | None = None) -> FitResult:
+    """Train model on data.labelled (and, for models with uses_unlabelled, every train image).
+
+    Raises DivergedError on a non-finite loss before any further step is taken.
+    max_steps caps the steps per epoch (smoke runs).
+    """
+    g = seed_everything(seed)
+    every = normalise(data.train_images)
+    images = every[data.labelled]
+    labels = data.train_labels[data.labelled].long()
+    val_images, val_labels = normalise(data.val_images), data.val_labels.long()
+    uses_unlabelled = getattr(model, "uses_unlabelled", False)
+
+    n = len(labels)
+    driver = max(n, len(every)) if uses_unlabelled else n
+    steps = math.ceil(driver / cfg.batch_size)
+    if max_steps:
+        steps = min(steps, max_steps)
+    total_steps = steps * cfg.epochs
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.lr_schedule == "cosine":
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+    else:
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
+
+    result = FitResult()
+    started = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        labelled_batches = _batches(n, steps, cfg.batch_size, g)
+        unlabelled_batches = _batches(len(every), steps, cfg.batch_size, g) if uses_unlabelled else None
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        aux_sum = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.int64)
+        seen = 0
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+                   mininterval=1.0, file=sys.stderr, disable=None)
+        for step in bar:
+            idx = labelled_batches[step]
+            x, y = images[idx], labels[idx]
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            total = loss
+            if uses_unlabelled:
+                aux = model.auxiliary_loss(every[unlabelled_batches[step]])
+                total = loss + aux
+                aux_sum += aux.detach() * len(idx)
+            value = total.item()
+            if not math.isfinite(value):
+                raise DivergedError(f"loss is {value} at epoch {epoch}, batch {step + 1}/{steps}; "
+                                    f"lower train.lr (now {cfg.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(idx)
+            if step % 50 == 0:
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{value:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        val = evaluate_split(model, val_images, val_labels)
+        entry = {
+            "epoch": epoch,
+            "train_loss": float(loss_sum) / seen,
+            "train_acc": int(correct) / seen,
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "lr": schedule.get_last_lr()[0],
+            "epoch_seconds": seconds,
+            "images_per_s": seen / seconds,
+        }
+        if uses_unlabelled:
+            entry["train_aux_loss"] = float(aux_sum) / seen
+        result.history.append(entry)
+        print(f"epoch {epoch}/{cfg.epochs} train_loss {entry['train_loss']:.4f} "
+              f"train_acc {entry['train_acc']:.4f} val_loss {entry['val_loss']:.4f} "
+              f"val_acc {entry['val_acc']:.4f} {seconds:.1f}s {entry['images_per_s']:.0f} img/s",
+              flush=True)
+        if on_epoch:
+            on_epoch(entry)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def train_variant(cfg: Config, family: str, max_steps: int | None = None) -> dict:
+    """The train stage: train one family at cfg, track it in MLflow, write the model, its
+    history and its metrics. The metrics file is written last: a failed run leaves none."""
+    from paramshare import tracking
+
+    set_threads(cfg.train.threads)
+    data = Prepared.load(paths.PREPARED)
+    hparams = dataclasses.asdict(cfg.model.family(family))
+    seed_everything(cfg.seed)
+    model = build(family, cfg.model.tied, hparams)
+    with tracking.training_run(family, cfg, read_digest(paths.PREPARED_META)) as run:
+        result = fit(model, data, cfg.train, cfg.seed, on_epoch=run.log_epoch, max_steps=max_steps)
+        final = result.history[-1]
+        summary = {
+            "family": family,
+            "tied": cfg.model.tied,
+            "epochs": len(result.history),
+            **{k: final[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
+            "train_seconds": result.seconds,
+            "images_per_s": sum(h["images_per_s"] for h in result.history) / len(result.history),
+            "unique_params": unique_param_count(model),
+            "param_uses": param_uses_count(model),
+        }
+        run.log_metrics({k: summary[k] for k in ("train_seconds", "unique_params", "param_uses")})
+        checkpoint = {"family": family, "tied": cfg.model.tied, "hparams": hparams,
+                      "state_dict": model.state_dict()}
+        out = paths.model_dir(family)
+        atomic_write(out / "model.pt", lambda fh: torch.save(checkpoint, fh))
+        run.log_model(model, normalise(data.test_images[:2]))
+        atomic_write_json(out / "run.json", run.reference())
+        atomic_write_json(paths.history(family), result.history)
+        atomic_write_json(paths.train_metrics(family), summary)
+    return summary

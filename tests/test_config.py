@@ -1,0 +1,72 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from paramshare import config
+from paramshare.config import Config, ConfigError, from_dict, load
+
+from .conftest import ROOT
+
+
+def test_params_yaml_is_valid_and_matches_the_defaults():
+    assert load(ROOT / "params.yaml") == Config()
+
+
+def test_flatten_names_every_knob():
+    flat = config.flatten(Config().to_dict())
+    assert flat["model.tied"] is True
+    assert flat["model.attention.depth"] == 4
+    assert flat["variants"] == "conv,recurrent,attention,soft,mlp"
+
+
+@pytest.mark.parametrize("raw, key, allowed", [
+    ({"variants": ["conv", "lstm"]}, "variants", "conv, recurrent, attention, soft, mlp"),
+    ({"variants": []}, "variants", "non-empty list"),
+    ({"model": {"tied": "yes"}}, "model.tied", "true or false"),
+    ({"model": {"tied": 1}}, "model.tied", "true or false"),
+    ({"train": {"epochs": 0}}, "train.epochs", "> 0"),
+    ({"train": {"epochs": 2.5}}, "train.epochs", "integer"),
+    ({"train": {"lr": -0.1}}, "train.lr", "> 0"),
+    ({"train": {"lr": "fast"}}, "train.lr", "finite number"),
+    ({"train": {"batch_size": 0}}, "train.batch_size", "> 0"),
+    ({"train": {"lr_schedule": "step"}}, "train.lr_schedule", "cosine, constant"),
+    ({"data": {"train_size": 55001}}, "data.train_size", "55000"),
+    ({"data": {"train_size": 9}}, "data.train_size", "one per class"),
+    ({"data": {"val_size": 10000, "train_size": 55000}}, "data.train_size", "50000"),
+    ({"model": {"conv": {"kernel": 5}}}, "model.conv.kernel", "allowed keys: channels, hidden"),
+    ({"trian": {}}, "trian", "allowed keys: seed, data, model, train, variants"),
+    ({"model": {"attention": {"heads": 3}}}, "model.attention.heads", "divide"),
+    ({"model": {"attention": {"patch": 5}}}, "model.attention.patch", "1, 2, 4, 7, 14, 28"),
+    ({"model": {"soft": {"strength": 0}}}, "model.soft.strength", "> 0"),
+    ({"seed": -1}, "seed", ">= 0"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(raw, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw)
+    message = str(err.value)
+    assert message.startswith(key + ":"), message
+    assert allowed in message
+    assert "\n" not in message
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read params file"):
+        load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load(bad)
+
+
+def test_a_stage_refuses_bad_params_before_training(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["tied"] = "no"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, str(ROOT / "stages/train.py"), "conv", "--params", str(bad)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: params: model.tied: got 'no'; allowed: true or false"
+    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
