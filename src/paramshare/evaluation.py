@@ -56,9 +56,9 @@ def evaluate_variant(family: str) -> dict:
     atomic_write_text(paths.confusion(family), "\n".join(rows) + "\n")
     atomic_write_json(paths.eval_metrics(family), result)
 
-    logged = {k: result[k] for k in ("test_acc", "test_loss", "val_acc", "val_loss", "train_acc",
-                                     "train_loss", "gap_train_test", "gap_val_test",
+    logged = {k: result[k] for k in ("test_acc", "test_loss", "gap_train_test", "gap_val_test",
                                      "inference_images_per_s")}
+    logged.update({f"eval_{k}": result[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")})
     logged.update({f"test_acc_class_{c}": a for c, a in result["per_class_test_acc"].items()})
     run_id = json.loads((paths.model_dir(family) / "run.json").read_text())["run_id"]
     if not tracking.log_to_run(run_id, logged):
