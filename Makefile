@@ -26,7 +26,7 @@ test: setup
 	python -m pytest -m "not slow"
 
 test-slow: setup
-	python -m pytest -m slow
+	python -m pytest -m slow || [ $$? -eq 5 ]
 
 test-all: setup
 	python -m pytest

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from paramshare import data
-from paramshare.data import DataError, FILES, decompress, parse_idx, stratified_split
+from paramshare.data import FILES, DataError, decompress, parse_idx, stratified_split
 
 
 def idx_bytes(magic: int, dims: list[int], payload: bytes) -> bytes:

@@ -35,7 +35,9 @@ def tiny_repo(tmp_path: Path, **overrides) -> Path:
             node = node[part]
         node[last] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "tiny study"]):
+    for args in (["init", "-q"], ["config", "user.name", "paramshare tests"],
+                 ["config", "user.email", "tests@paramshare.invalid"], ["add", "-A"],
+                 ["commit", "-qm", "tiny study"]):
         subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
     return repo
 

@@ -5,6 +5,7 @@ decompressed bytes, which are the canonical ones whatever gzip settings a mirror
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -54,8 +55,12 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+def _write_bytes(blob: bytes, fh) -> None:
+    fh.write(blob)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write(path, functools.partial(_write_bytes, text.encode("utf-8")))
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -147,7 +152,7 @@ def download(dest: str | os.PathLike, timeout: float = 30.0, log=print) -> dict[
                 continue
             if blob[:2] != b"\x1f\x8b":
                 blob = gzip.compress(blob, mtime=0)
-            atomic_write(target, lambda fh: fh.write(blob))
+            atomic_write(target, functools.partial(_write_bytes, blob))
             used[name] = source
             log(f"download: {name} verified from {source}")
             break

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 from paramshare import paths
 from paramshare.data import atomic_write, atomic_write_json, atomic_write_text
