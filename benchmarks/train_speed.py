@@ -1,0 +1,151 @@
+"""Training speed, measured in ONE run so that ratios are fair on a noisy machine.
+
+Times, on the same MNIST data and batch size:
+  * the reference loop (torchvision MNIST + per-sample ToTensor/Normalize + DataLoader,
+    as in ../shared/reference/mnist_cnn_reference.py) on the reference CNN;
+  * paramshare's in-memory loop (paramshare.training.fit) on every family, tied and untied;
+  * the machine's matmul rate, to express each model's achieved GFLOP/s as a fraction of it.
+
+Each figure is the median over --repeats timed chunks of --steps optimiser steps.
+
+    python benchmarks/train_speed.py [--steps 100] [--repeats 3] [--families conv,recurrent]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gzip
+import os
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from paramshare.config import Config, TrainConfig
+from paramshare.data import load_raw, prepare
+from paramshare.models import FAMILIES, build
+from paramshare.training import fit, seed_everything, set_threads
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        times.append((time.perf_counter() - t0) / 10)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def training_flops_per_image(model: torch.nn.Module) -> float:
+    """Forward FLOPs counted by torch's FlopCounterMode, times 3 for forward + backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(1, 1, 28, 28)
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        if getattr(model, "uses_unlabelled", False):
+            out = out.sum() + model.auxiliary_loss(x)
+    return 3.0 * counter.get_total_flops()
+
+
+def reference_loop(mirror: Path, steps: int, repeats: int, batch_size: int) -> float:
+    """Images/s of the reference DataLoader loop on the reference CNN (median of repeats)."""
+    from torchvision import datasets, transforms
+    root = Path(tempfile.mkdtemp(prefix="mnist-ref-"))
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(mirror / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    try:
+        torch.manual_seed(0)
+        model = build("conv", True, dataclasses.asdict(Config().model.conv))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+        dataset = datasets.MNIST(root=str(root), train=True, transform=transform, download=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+        rates = []
+        it = iter(loader)
+        for chunk in range(repeats + 1):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                try:
+                    images, labels = next(it)
+                except StopIteration:
+                    it = iter(loader)
+                    images, labels = next(it)
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(images), labels)
+                loss.backward()
+                optimizer.step()
+            if chunk:
+                rates.append(steps * batch_size / (time.perf_counter() - t0))
+        return statistics.median(rates)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def paramshare_loop(data, family: str, tied: bool, steps: int, repeats: int, batch_size: int) -> float:
+    """Images/s of paramshare.training.fit over `steps` steps (median of repeats; warm-up dropped)."""
+    cfg = Config()
+    hparams = dataclasses.asdict(cfg.model.family(family))
+    train = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3)
+    seed_everything(0)
+    model = build(family, tied, hparams)
+    rates = []
+    for chunk in range(repeats + 1):
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            result = fit(model, data, train, chunk, max_steps=steps)
+        if chunk:
+            rates.append(result.history[0]["images_per_s"])
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--mirror", default=os.environ.get("PARAMSHARE_MNIST_MIRROR",
+                                                           str(ROOT.parent / "shared" / "data" / "mnist")))
+    args = parser.parse_args()
+    threads = set_threads(0)
+    mirror = Path(args.mirror)
+    data = prepare(load_raw(mirror), val_size=5000, train_size=55000, seed=0)
+
+    peak = matmul_gflops()
+    print(f"{time.strftime('%Y-%m-%d')}  {os.cpu_count()} cores, {threads} torch threads, "
+          f"torch {torch.__version__}, matmul {peak:.1f} GFLOP/s (1024x1024 fp32)\n")
+    ref = reference_loop(mirror, args.steps, args.repeats, args.batch_size)
+    print(f"{'model':<22} {'images/s':>9} {'s/epoch':>8} {'x ref':>6} {'GFLOP/s':>8} {'% matmul':>9}")
+    ref_flops = training_flops_per_image(build("conv", True, dataclasses.asdict(Config().model.conv)))
+    print(f"{'reference loop (conv)':<22} {ref:>9.0f} {55000 / ref:>8.1f} {1.0:>6.2f} "
+          f"{ref * ref_flops / 1e9:>8.1f} {100 * ref * ref_flops / 1e9 / peak:>8.0f}%")
+    for family in args.families.split(","):
+        for tied in (True, False):
+            if family == "mlp" and not tied:
+                continue
+            rate = paramshare_loop(data, family, tied, args.steps, args.repeats, args.batch_size)
+            flops = training_flops_per_image(build(family, tied, dataclasses.asdict(Config().model.family(family))))
+            name = f"{family} {'tied' if tied else 'untied'}"
+            print(f"{name:<22} {rate:>9.0f} {55000 / rate:>8.1f} {rate / ref:>6.2f} "
+                  f"{rate * flops / 1e9:>8.1f} {100 * rate * flops / 1e9 / peak:>8.0f}%", flush=True)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\npeak resident memory of this process: {peak_rss:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
