@@ -31,6 +31,7 @@ def accuracy_vs_params_figure(rows: list[dict]) -> bytes:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for r in rows:
@@ -39,6 +40,10 @@ def accuracy_vs_params_figure(rows: list[dict]) -> bytes:
         ax.annotate(r["family"], (r["unique_params"], 100 * r["test_acc"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xscale("log")
+    thousands = matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v / 1e3:g}k" if f"{v:.0e}"[0] in "125" else "")
+    ax.xaxis.set_major_formatter(thousands)
+    ax.xaxis.set_minor_formatter(thousands)
     ax.set_xlabel("unique parameters (log scale)")
     ax.set_ylabel("test accuracy (%)")
     tied = {r["tied"] for r in rows}
