@@ -9,7 +9,7 @@ ifneq ($(wildcard $(SHARED_MIRROR)/train-images-idx3-ubyte.gz),)
 export PARAMSHARE_MNIST_MIRROR ?= $(SHARED_MIRROR)
 endif
 
-.PHONY: setup repro test test-slow test-all lint clean
+.PHONY: setup repro test test-slow test-all lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -30,6 +30,9 @@ test-slow: setup
 
 test-all: setup
 	python -m pytest
+
+bench: setup
+	python benchmarks/train_speed.py
 
 lint: setup
 	ruff check .
