@@ -3,6 +3,8 @@ import sys
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from paramshare import config
 from paramshare.config import Config, ConfigError, from_dict, load
@@ -70,3 +72,56 @@ def test_a_stage_refuses_bad_params_before_training(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: params: model.tied: got 'no'; allowed: true or false"
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
+
+POSITIVE_INT_KEYS = [("train", "epochs"), ("train", "batch_size"), ("model", "conv", "channels"),
+                     ("model", "recurrent", "hidden"), ("model", "attention", "depth"), ("model", "mlp", "hidden")]
+
+
+def _with(path, value) -> dict:
+    raw: dict = {}
+    node = raw
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    return raw
+
+
+@settings(max_examples=150, deadline=None)
+@given(path=st.sampled_from(POSITIVE_INT_KEYS),
+       value=st.one_of(st.integers(max_value=0), st.floats(allow_nan=True), st.text(max_size=5),
+                       st.booleans(), st.none(), st.lists(st.integers(), max_size=2)))
+def test_any_invalid_positive_integer_is_refused_naming_its_key(path, value):
+    if isinstance(value, float) and value.is_integer() and value > 0:
+        return
+    with pytest.raises(ConfigError) as err:
+        from_dict(_with(path, value))
+    assert str(err.value).startswith(".".join(path) + ":")
+
+
+@settings(max_examples=150, deadline=None)
+@given(path=st.sampled_from(POSITIVE_INT_KEYS), value=st.integers(min_value=1, max_value=10**6))
+def test_any_positive_integer_is_accepted(path, value):
+    cfg = from_dict(_with(path, value))
+    node = cfg
+    for part in path:
+        node = getattr(node, part)
+    assert node == value
+
+
+@settings(max_examples=100, deadline=None)
+@given(val=st.integers(min_value=-10, max_value=70_000), train=st.integers(min_value=-10, max_value=70_000))
+def test_split_sizes_are_accepted_exactly_when_they_fit(val, train):
+    fits = 10 <= val <= 59_990 and 10 <= train <= 60_000 - val
+    raw = {"data": {"val_size": val, "train_size": train}}
+    if fits:
+        assert from_dict(raw).data.train_size == train
+    else:
+        with pytest.raises(ConfigError, match=r"^data\.(val_size|train_size):"):
+            from_dict(raw)
+
+
+@settings(max_examples=100, deadline=None)
+@given(key=st.text(min_size=1, max_size=8).filter(lambda k: k not in ("seed", "data", "model", "train", "variants")))
+def test_any_unknown_top_level_key_is_refused(key):
+    with pytest.raises(ConfigError, match="unknown key; allowed keys: seed, data, model, train, variants"):
+        from_dict({key: 1})

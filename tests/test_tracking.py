@@ -63,3 +63,79 @@ def test_a_run_that_dies_is_marked(store, error, status):
 
 def test_logging_to_a_missing_run_says_so(store):
     assert tracking.log_to_run("0" * 32, {"x": 1.0}) is False
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_server_fails_fast_naming_the_uri(monkeypatch):
+    import time
+
+    from paramshare.errors import TrackingError
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    t0 = time.perf_counter()
+    with pytest.raises(TrackingError, match=f"MLflow tracking server {uri} is unreachable"):
+        tracking.setup()
+    assert time.perf_counter() - t0 < tracking.PROBE_TIMEOUT_S + 5
+
+
+def test_the_train_stage_refuses_an_unreachable_server_before_training(small_prepared, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+    small_prepared.save(tmp_path / "data/prepared/mnist.pt")
+    (tmp_path / "data/prepared/meta.json").write_text(json.dumps({"digest": small_prepared.digest()}))
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, str(ROOT / "stages/train.py"), "mlp", "--params", str(ROOT / "params.yaml")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: MLflow tracking server {uri} is unreachable ([Errno 111] Connection refused); "
+        "start it, or unset MLFLOW_TRACKING_URI to use the embedded store"]
+    assert "epoch" not in proc.stdout
+    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
+
+
+WRITER = """
+import sys
+import mlflow
+from paramshare import tracking
+experiment = tracking.setup()
+with mlflow.start_run(experiment_id=experiment, run_name=f"writer-{sys.argv[1]}"):
+    for step in range(30):
+        mlflow.log_metric("value", step * 1.0, step=step)
+"""
+
+
+def test_four_processes_share_one_fresh_sqlite_store(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from .conftest import ROOT
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "concurrent",
+           "PYTHONPATH": str(ROOT / "src")}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("concurrent")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"writer-{i}" for i in range(4)]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "value")] == list(range(30))

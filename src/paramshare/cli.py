@@ -8,6 +8,7 @@ from typing import Callable
 
 from paramshare.config import ConfigError
 from paramshare.data import DataError
+from paramshare.errors import TrackingError
 from paramshare.training import DivergedError
 
 
@@ -18,7 +19,7 @@ def guarded(main: Callable[[], object]) -> None:
     except ConfigError as exc:
         print(f"error: params: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (DataError, DivergedError) as exc:
+    except (DataError, DivergedError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -11,6 +11,8 @@ import fcntl
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +24,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from paramshare.config import Config, flatten
+from paramshare.errors import TrackingError
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "paramshare"
@@ -49,6 +52,23 @@ def _is_embedded(uri: str) -> bool:
     return uri.startswith("sqlite:///")
 
 
+PROBE_TIMEOUT_S = 5.0
+
+
+def _probe_server(uri: str) -> None:
+    """Fail within seconds, naming the URI, when a tracking server does not answer
+    (MLflow's own client would retry for minutes)."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S) as resp:
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        raise TrackingError(f"MLflow tracking server {uri} answered HTTP {exc.code} on /health") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, or "
+                            f"unset MLFLOW_TRACKING_URI to use the embedded store") from None
+
+
 def setup() -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id.
 
@@ -56,6 +76,8 @@ def setup() -> str:
     use is serialised with a file lock beside the database.
     """
     uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri)
     mlflow.set_tracking_uri(uri)
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     lock = contextlib.nullcontext()
@@ -65,13 +87,16 @@ def setup() -> str:
         lock = _file_lock(lock_path)
     with lock:
         client = MlflowClient()
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        artifacts = None
-        if _is_embedded(uri):
-            artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-        return client.create_experiment(name, artifact_location=artifacts)
+        try:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is not None:
+                return experiment.experiment_id
+            artifacts = None
+            if _is_embedded(uri):
+                artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+            return client.create_experiment(name, artifact_location=artifacts)
+        except MlflowException as exc:
+            raise TrackingError(f"MLflow store {uri} cannot be used: {exc.message.splitlines()[0]}") from None
 
 
 @contextlib.contextmanager
