@@ -139,3 +139,38 @@ def test_four_processes_share_one_fresh_sqlite_store(tmp_path):
     for r in runs:
         assert r.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(r.info.run_id, "value")] == list(range(30))
+
+
+def test_a_terminated_train_stage_marks_its_run_killed_and_leaves_no_metrics(small_prepared, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import mlflow
+    import yaml
+
+    from .conftest import ROOT
+    small_prepared.save(tmp_path / "data/prepared/mnist.pt")
+    (tmp_path / "data/prepared/meta.json").write_text(json.dumps({"digest": small_prepared.digest()}))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["epochs"] = 500
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "killed",
+           "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages/train.py"), "mlp"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and "epoch 2/" not in (line := proc.stdout.readline()):
+        pass
+    assert line.startswith("epoch 2/"), proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert not (tmp_path / "metrics").exists()
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("*.tmp"))
+

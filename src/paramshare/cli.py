@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from typing import Callable
 
@@ -12,8 +13,16 @@ from paramshare.errors import TrackingError
 from paramshare.training import DivergedError
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def guarded(main: Callable[[], object]) -> None:
-    """Run main; known failures print one line to stderr and exit non-zero, no traceback."""
+    """Run main; known failures print one line to stderr and exit non-zero, no traceback.
+
+    SIGTERM is turned into KeyboardInterrupt, so a terminated stage unwinds like Ctrl-C:
+    its MLflow run is marked KILLED and no output is left half-written."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except ConfigError as exc:
