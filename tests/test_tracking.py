@@ -1,10 +1,23 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
 import pytest
 import torch
+import yaml
 
 from paramshare import tracking
 from paramshare.config import Config
+from paramshare.errors import TrackingError
 from paramshare.metrics import unique_param_count
 from paramshare.models import build
+
+from .conftest import ROOT
 
 
 @pytest.fixture
@@ -30,7 +43,6 @@ def test_embedded_store_lives_at_the_repo_root(tmp_path, monkeypatch):
 
 
 def test_run_records_params_tags_and_a_model_that_keeps_its_tie(store):
-    import mlflow
     cfg = Config()
     model = build("recurrent", True, {"hidden": 8})
     example = torch.rand(2, 1, 28, 28)
@@ -54,7 +66,6 @@ def test_run_records_params_tags_and_a_model_that_keeps_its_tie(store):
 
 @pytest.mark.parametrize("error, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_a_run_that_dies_is_marked(store, error, status):
-    import mlflow
     with pytest.raises(type(error)):
         with tracking.training_run("mlp", Config(), "d") as run:
             raise error
@@ -65,17 +76,21 @@ def test_logging_to_a_missing_run_says_so(store):
     assert tracking.log_to_run("0" * 32, {"x": 1.0}) is False
 
 
+@pytest.fixture
+def workspace(small_prepared, tmp_path):
+    """A directory holding prepared data, as the prepare stage leaves it."""
+    small_prepared.save(tmp_path / "data/prepared/mnist.pt")
+    (tmp_path / "data/prepared/meta.json").write_text(json.dumps({"digest": small_prepared.digest()}))
+    return tmp_path
+
+
 def _closed_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def test_an_unreachable_server_fails_fast_naming_the_uri(monkeypatch):
-    import time
-
-    from paramshare.errors import TrackingError
     uri = f"http://127.0.0.1:{_closed_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     t0 = time.perf_counter()
@@ -84,25 +99,17 @@ def test_an_unreachable_server_fails_fast_naming_the_uri(monkeypatch):
     assert time.perf_counter() - t0 < tracking.PROBE_TIMEOUT_S + 5
 
 
-def test_the_train_stage_refuses_an_unreachable_server_before_training(small_prepared, tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from .conftest import ROOT
-    small_prepared.save(tmp_path / "data/prepared/mnist.pt")
-    (tmp_path / "data/prepared/meta.json").write_text(json.dumps({"digest": small_prepared.digest()}))
+def test_the_train_stage_refuses_an_unreachable_server_before_training(workspace):
     uri = f"http://127.0.0.1:{_closed_port()}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, str(ROOT / "stages/train.py"), "mlp", "--params", str(ROOT / "params.yaml")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=workspace, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"error: MLflow tracking server {uri} is unreachable ([Errno 111] Connection refused); "
         "start it, or unset MLFLOW_TRACKING_URI to use the embedded store"]
     assert "epoch" not in proc.stdout
-    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
+    assert not (workspace / "models").exists() and not (workspace / "metrics").exists()
 
 
 WRITER = """
@@ -117,13 +124,6 @@ with mlflow.start_run(experiment_id=experiment, run_name=f"writer-{sys.argv[1]}"
 
 
 def test_four_processes_share_one_fresh_sqlite_store(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    import mlflow
-
-    from .conftest import ROOT
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "concurrent",
            "PYTHONPATH": str(ROOT / "src")}
@@ -141,26 +141,14 @@ def test_four_processes_share_one_fresh_sqlite_store(tmp_path):
         assert [m.step for m in client.get_metric_history(r.info.run_id, "value")] == list(range(30))
 
 
-def test_a_terminated_train_stage_marks_its_run_killed_and_leaves_no_metrics(small_prepared, tmp_path):
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    import mlflow
-    import yaml
-
-    from .conftest import ROOT
-    small_prepared.save(tmp_path / "data/prepared/mnist.pt")
-    (tmp_path / "data/prepared/meta.json").write_text(json.dumps({"digest": small_prepared.digest()}))
+def test_a_terminated_train_stage_marks_its_run_killed_and_leaves_no_metrics(workspace):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"]["epochs"] = 500
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "killed",
            "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "stages/train.py"), "mlp"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages/train.py"), "mlp"], cwd=workspace, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None and "epoch 2/" not in (line := proc.stdout.readline()):
         pass
@@ -171,6 +159,5 @@ def test_a_terminated_train_stage_marks_its_run_killed_and_leaves_no_metrics(sma
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]
-    assert not (tmp_path / "metrics").exists()
-    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("*.tmp"))
-
+    assert not (workspace / "metrics").exists()
+    assert not (workspace / "models").exists() or not any((workspace / "models").rglob("*.tmp"))

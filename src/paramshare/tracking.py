@@ -52,6 +52,10 @@ def _is_embedded(uri: str) -> bool:
     return uri.startswith("sqlite:///")
 
 
+def _sqlite_path(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):])
+
+
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -82,7 +86,7 @@ def setup() -> str:
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     lock = contextlib.nullcontext()
     if _is_embedded(uri):
-        lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+        lock_path = _sqlite_path(uri).with_name(_sqlite_path(uri).name + ".lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         lock = _file_lock(lock_path)
     with lock:
@@ -93,7 +97,7 @@ def setup() -> str:
                 return experiment.experiment_id
             artifacts = None
             if _is_embedded(uri):
-                artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+                artifacts = (_sqlite_path(uri).parent / "mlartifacts").as_uri()
             return client.create_experiment(name, artifact_location=artifacts)
         except MlflowException as exc:
             raise TrackingError(f"MLflow store {uri} cannot be used: {exc.message.splitlines()[0]}") from None
