@@ -148,6 +148,46 @@ def test_locally_connected_positions_are_independent():
     assert torch.nonzero(x.grad[0, 0]).tolist() == [[r, c] for r in (9, 10, 11) for c in (9, 10, 11)]
 
 
+def test_locally_connected_layer_is_unfold_then_one_matmul_per_position():
+    """The fast gather + bmm computes exactly the definition: unfold, then out[b, o, l] =
+    sum_f cols[b, f, l] * weight[l, o, f] + bias[o, l], in value and in both gradients."""
+    torch.manual_seed(0)
+    layer = build("conv", False, hp("conv")).conv2
+    x = torch.randn(8, layer.in_channels, 14, 14, requires_grad=True)
+    out = layer(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    weight, bias = layer.weight.detach().clone().requires_grad_(True), layer.bias.detach().clone().requires_grad_(True)
+    cols = F.unfold(x_ref, 3, padding=1)
+    ref = torch.einsum("bfl,lof->bol", cols, weight).reshape(8, -1, 14, 14) + bias
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(ref)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, bias.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_conv_forward_is_the_reference_order_relu_then_pool(tied):
+    """ConvNet pools before the ReLU and runs channels-last for speed; the function and its
+    gradients are those of the reference order (ReLU, then pool) in the default layout."""
+    torch.manual_seed(0)
+    model = build("conv", tied, hp("conv"))
+    x, y = _batch()
+
+    def reference(m, x):
+        x = F.max_pool2d(F.relu(m.conv1(x.contiguous())), 2)
+        x = F.max_pool2d(F.relu(m.conv2(x)), 2)
+        return m.fc2(F.relu(m.fc1(x.flatten(1))))
+
+    torch.testing.assert_close(model(x), reference(model, x), rtol=1e-5, atol=1e-5)
+    fast = torch.autograd.grad(_loss(model, x, y), list(model.parameters()))
+    slow = torch.autograd.grad(F.cross_entropy(reference(model, x), y), list(model.parameters()))
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_soft_penalty_is_zero_untied_and_has_the_right_gradient():
     untied = build("soft", False, hp("soft"))
     assert untied.strength == 0 and untied.tie_penalty().item() == 0.0

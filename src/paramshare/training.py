@@ -78,7 +78,7 @@ def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, seed: int,
         steps = min(steps, max_steps)
     total_steps = steps * cfg.epochs
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     if cfg.lr_schedule == "cosine":
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps)))
