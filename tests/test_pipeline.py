@@ -56,11 +56,13 @@ def run(cmd, repo, env, timeout=900):
     return proc.stdout + proc.stderr
 
 
-def mlflow_runs(repo: Path):
+def mlflow_runs(repo: Path, role: str = "model"):
+    """The model runs (or, role="parent", the parent runs) of the repo's embedded store."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("paramshare")
-    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return client, [r for r in runs if (r.data.tags.get("run_role") == "parent") == (role == "parent")]
 
 
 def test_tiny_study_repro_tracks_every_model_and_exp_run_trains_the_untied_twin(tmp_path, mirror):
@@ -112,6 +114,9 @@ def test_tiny_study_repro_tracks_every_model_and_exp_run_trains_the_untied_twin(
     untied = [r for r in runs if r.data.tags["tied"] == "false"]
     assert sorted(r.data.tags["family"] for r in untied) == ["conv", "soft"]
     assert all(r.data.tags.get("dvc_exp_name") for r in untied)
+    _, parents = mlflow_runs(repo, "parent")
+    assert [p.data.tags["study_key"] for p in parents] == [head]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
     conv_untied = next(r for r in untied if r.data.tags["family"] == "conv")
     assert conv_untied.data.metrics["unique_params"] == 2_265_610
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from paramshare import tracking
+from paramshare import config, tracking
 from paramshare.config import Config
 from paramshare.errors import TrackingError
 from paramshare.metrics import unique_param_count
@@ -56,6 +56,14 @@ def test_run_records_params_tags_and_a_model_that_keeps_its_tie(store):
     assert logged.data.params["model.recurrent.hidden"] == "128"
     assert logged.data.params["family"] == "recurrent"
     assert logged.data.tags["data_digest"] == "digest123" and logged.data.tags["tied"] == "true"
+    assert logged.data.tags["project"] == "paramshare"
+    logged_params = yaml.safe_load(mlflow.artifacts.load_text(f"{logged.info.artifact_uri}/params.yaml"))
+    assert config.from_dict(logged_params) == cfg
+    parent = client.get_run(logged.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["run_role"] == "parent" and parent.info.status == "FINISHED"
+    with tracking.training_run("mlp", cfg, "digest123") as twin:
+        pass
+    assert client.get_run(twin.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
     loaded = tracking.load_model(run.run_id)
     assert loaded.cells[0] is loaded.cells[27]
     assert unique_param_count(loaded) == unique_param_count(model)
@@ -113,20 +121,23 @@ def test_the_train_stage_refuses_an_unreachable_server_before_training(workspace
 
 
 WRITER = """
+import dataclasses
 import sys
-import mlflow
-from paramshare import tracking
-experiment = tracking.setup()
-with mlflow.start_run(experiment_id=experiment, run_name=f"writer-{sys.argv[1]}"):
-    for step in range(30):
-        mlflow.log_metric("value", step * 1.0, step=step)
+from paramshare import config, tracking
+from paramshare.config import Config
+cfg = dataclasses.replace(Config(), seed=int(sys.argv[1]))
+with tracking.training_run("mlp", cfg, "digest") as run:
+    for step in range(1, 31):
+        run.log_epoch({"epoch": step, "value": step * 1.0})
 """
 
 
 def test_four_processes_share_one_fresh_sqlite_store(tmp_path):
+    """Four training runs start at once on a store that does not exist yet: one schema,
+    one experiment, one parent run, four children with every metric."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "concurrent",
-           "PYTHONPATH": str(ROOT / "src")}
+           "PYTHONPATH": str(ROOT / "src"), "DVC_EXP_BASELINE_REV": "b" * 40}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(i)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(4)]
     for p in procs:
@@ -135,10 +146,14 @@ def test_four_processes_share_one_fresh_sqlite_store(tmp_path):
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("concurrent")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == [f"writer-{i}" for i in range(4)]
-    for r in runs:
+    parents = [r for r in runs if r.data.tags.get("run_role") == "parent"]
+    children = [r for r in runs if r not in parents]
+    assert len(parents) == 1 and parents[0].info.run_name.startswith("study@bbbbbbbb")
+    assert sorted(r.info.run_name for r in children) == [f"mlp/tied/n=55000/seed={i}" for i in range(4)]
+    for r in children:
         assert r.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "value")] == list(range(30))
+        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "value")] == list(range(1, 31))
 
 
 def test_a_terminated_train_stage_marks_its_run_killed_and_leaves_no_metrics(workspace):
@@ -158,6 +173,6 @@ def test_a_terminated_train_stage_marks_its_run_killed_and_leaves_no_metrics(wor
     assert proc.returncode == 130, err[-2000:]
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
-    assert [r.info.status for r in runs] == ["KILLED"]
+    assert [r.info.status for r in runs if r.data.tags.get("run_role") != "parent"] == ["KILLED"]
     assert not (workspace / "metrics").exists()
     assert not (workspace / "models").exists() or not any((workspace / "models").rglob("*.tmp"))

@@ -57,6 +57,7 @@ def _sqlite_path(uri: str) -> Path:
 
 
 PROBE_TIMEOUT_S = 5.0
+PARAMS_ARTIFACT = "params.yaml"
 
 
 def _probe_server(uri: str) -> None:
@@ -86,9 +87,7 @@ def setup() -> str:
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     lock = contextlib.nullcontext()
     if _is_embedded(uri):
-        lock_path = _sqlite_path(uri).with_name(_sqlite_path(uri).name + ".lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = _file_lock(lock_path)
+        lock = _file_lock(_lock_path(uri))
     with lock:
         client = MlflowClient()
         try:
@@ -101,6 +100,12 @@ def setup() -> str:
             return client.create_experiment(name, artifact_location=artifacts)
         except MlflowException as exc:
             raise TrackingError(f"MLflow store {uri} cannot be used: {exc.message.splitlines()[0]}") from None
+
+
+def _lock_path(uri: str) -> Path:
+    path = _sqlite_path(uri).with_name(_sqlite_path(uri).name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @contextlib.contextmanager
@@ -121,6 +126,50 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
+CODE_PATHS = ("src", "stages", "pyproject.toml")
+PROJECT_TAG = ("project", "paramshare")
+
+
+def code_dirty() -> list[str]:
+    """Tracked files under the code paths that differ from HEAD: results made with them
+    cannot be traced to a commit. Params, dvc.lock and metrics do not count: the params
+    are logged in full and the rest are outputs."""
+    out = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)
+    return [line.split(maxsplit=1)[1] for line in out.splitlines()] if out else []
+
+
+def study_key() -> str:
+    """What groups runs under one parent: the baseline commit of a DVC experiment (so every
+    experiment of one sweep shares it), else HEAD; `+dirty` when the code is modified."""
+    rev = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD") or "no-git"
+    return rev + ("+dirty" if code_dirty() else "")
+
+
+def parent_run(experiment_id: str) -> str:
+    """Find or create the parent run of this pipeline run or sweep; returns its id.
+
+    The UI's run list nests every model under it, so tied and untied twins of one study
+    line up in one group for the compare view. Find-or-create is serialised with the same
+    lock as the schema creation for the embedded store."""
+    key = study_key()
+    client = MlflowClient()
+    uri = tracking_uri()
+    lock = _file_lock(_lock_path(uri)) if _is_embedded(uri) else contextlib.nullcontext()
+    with lock:
+        found = client.search_runs([experiment_id], f"tags.study_key = '{key}' and tags.run_role = 'parent'",
+                                   max_results=1, order_by=["attributes.start_time ASC"])
+        if found:
+            return found[0].info.run_id
+        tags = {"study_key": key, "run_role": "parent", PROJECT_TAG[0]: PROJECT_TAG[1],
+                "mlflow.note.content": "Parent of every model trained from this commit or DVC experiment "
+                                       "baseline; select its children and Compare to line up tied and "
+                                       "untied twins."}
+        run = client.create_run(experiment_id, run_name=f"study@{key[:8]}{'+dirty' if key.endswith('+dirty') else ''}",
+                                tags=tags)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+
 def run_name(family: str, cfg: Config) -> str:
     tie = "tied" if cfg.model.tied else "untied"
     return f"{family}/{tie}/n={cfg.data.train_size}/seed={cfg.seed}"
@@ -134,11 +183,12 @@ def run_tags(family: str, cfg: Config, data_digest: str) -> dict[str, str]:
         "seed": str(cfg.seed),
         "data_digest": data_digest,
     }
+    tags[PROJECT_TAG[0]] = PROJECT_TAG[1]
     commit = _git("rev-parse", "HEAD")
     if commit:
         tags["git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit
-        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
+        tags["git_dirty"] = str(bool(code_dirty())).lower()
     for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev"),
                      ("DVC_STAGE", "dvc_stage")):
         if os.environ.get(env):
@@ -180,9 +230,10 @@ def training_run(family: str, cfg: Config, data_digest: str) -> Iterator[Trainin
     """One MLflow run per trained model; ends FAILED on an error, KILLED on an interrupt."""
     experiment_id = setup()
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(family, cfg),
-                           tags=run_tags(family, cfg, data_digest))
+                           parent_run_id=parent_run(experiment_id), tags=run_tags(family, cfg, data_digest))
     try:
         mlflow.log_params({"family": family, **flatten(cfg.to_dict())})
+        mlflow.log_dict(cfg.to_dict(), PARAMS_ARTIFACT)
         yield TrainingRun(run)
     except KeyboardInterrupt:
         mlflow.end_run(status="KILLED")
