@@ -9,7 +9,7 @@ ifneq ($(wildcard $(SHARED_MIRROR)/train-images-idx3-ubyte.gz),)
 export PARAMSHARE_MNIST_MIRROR ?= $(SHARED_MIRROR)
 endif
 
-.PHONY: setup repro test test-slow test-all lint bench clean
+.PHONY: setup repro report test test-slow test-all lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -21,6 +21,9 @@ setup: $(VENV)/.installed
 
 repro: setup
 	dvc repro
+
+report: setup
+	paramshare report
 
 test: setup
 	python -m pytest -m "not slow"
