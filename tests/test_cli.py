@@ -1,5 +1,11 @@
+import argparse
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+from paramshare.cli import add_report_arguments
 
 from .conftest import ROOT
 
@@ -26,3 +32,15 @@ def test_check_validates_and_exits_non_zero_on_bad_params(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: params: variants: unknown variant 'lstm'; "
                                    "allowed: conv, recurrent, attention, soft, mlp")
+
+
+def test_report_arguments_collect_tags_and_refuses_malformed_ones(capsys):
+    parser = argparse.ArgumentParser(prog="paramshare report")
+    add_report_arguments(parser)
+    args = parser.parse_args(["--tag", "family=conv", "--tag", "dvc_exp_name=a=b", "--commit", "a1b2c3d"])
+    assert args.tags == {"family": "conv", "dvc_exp_name": "a=b"} and args.commit == "a1b2c3d"
+    assert args.out == Path("reports") and args.experiment is None and args.filter_string is None
+    for bad in (["--tag", "family"], ["--tag", "=conv"], ["--commit", "xyz"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    assert "expected KEY=VALUE" in capsys.readouterr().err

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import signal
 import sys
+from pathlib import Path
 from typing import Callable
 
 from paramshare.config import ConfigError
@@ -57,6 +59,56 @@ def cmd_count(args) -> None:
               f"{param_uses_count(tied):>12,}  {SHARES_ACROSS[family]}")
 
 
+class _TagAction(argparse.Action):
+    """--tag KEY=VALUE, repeatable, collected into a dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        key, sep, value = str(values).partition("=")
+        if not sep or not key.strip():
+            parser.error(f"{option_string} {values!r}: expected KEY=VALUE")
+        tags = dict(getattr(namespace, self.dest) or {})
+        tags[key.strip()] = value
+        setattr(namespace, self.dest, tags)
+
+
+def _commit_arg(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{7,40}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 7 to 40 hex digits of a git commit")
+    return text
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `paramshare report` (here, not in study.py, so that building the parser
+    does not import MLflow and torch)."""
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or paramshare)")
+    parser.add_argument("--commit", type=_commit_arg, default=None,
+                        help="only runs whose git_commit tag starts with this (7 to 40 hex digits)")
+    parser.add_argument("--tag", dest="tags", action=_TagAction, metavar="KEY=VALUE", default=None,
+                        help="only runs with this tag value (repeatable)")
+    parser.add_argument("--filter", dest="filter_string", default=None,
+                        help="an MLflow search filter, e.g. \"params.`train.lr` = '0.001'\"")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="output directory (default: reports)")
+
+
+def cmd_report(args) -> None:
+    from paramshare import study
+    study.run_from_args(args)
+
+
+def cmd_diff(args) -> None:
+    from paramshare import runs
+    print(runs.diff(args.run_a, args.run_b))
+
+
+def cmd_reproduce(args) -> None:
+    from paramshare import runs
+    new_id, comparison = runs.reproduce(args.run_id)
+    print(runs.render_comparison(comparison, args.run_id, new_id))
+    if not comparison.identical:
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="paramshare", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +118,17 @@ def main(argv: list[str] | None = None) -> None:
     count = sub.add_parser("count", help="unique parameter counts of every family, tied and untied")
     count.add_argument("--params", default="params.yaml")
     count.set_defaults(func=cmd_count)
+    report = sub.add_parser("report", help="the tied-vs-untied study report from the MLflow runs")
+    add_report_arguments(report)
+    report.set_defaults(func=cmd_report)
+    diff = sub.add_parser("diff", help="what differs between two MLflow runs: params, tags, metrics")
+    diff.add_argument("run_a")
+    diff.add_argument("run_b")
+    diff.set_defaults(func=cmd_diff)
+    reproduce = sub.add_parser("reproduce", help="re-train a run from its recorded commit and params in a "
+                                                 "temporary worktree and compare every metric")
+    reproduce.add_argument("run_id")
+    reproduce.set_defaults(func=cmd_reproduce)
     args = parser.parse_args(argv)
     guarded(lambda: args.func(args))
 

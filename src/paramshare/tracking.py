@@ -53,7 +53,7 @@ def _is_embedded(uri: str) -> bool:
 
 
 def _sqlite_path(uri: str) -> Path:
-    return Path(uri[len("sqlite:///"):])
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
 
 
 PROBE_TIMEOUT_S = 5.0
@@ -72,6 +72,30 @@ def _probe_server(uri: str) -> None:
         reason = getattr(exc, "reason", exc)
         raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, or "
                             f"unset MLFLOW_TRACKING_URI to use the embedded store") from None
+
+
+def store_error_line(exc: Exception) -> str:
+    text = exc.message if isinstance(exc, MlflowException) else str(exc)
+    return (text.strip().splitlines() or [type(exc).__name__])[0]
+
+
+def open_store(uri: str | None = None) -> MlflowClient:
+    """A client on an existing store, for reading: never creates one (MLflow would create a
+    missing SQLite file and its directories); TrackingError naming the URI otherwise."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    uri = uri or tracking_uri()
+    if _is_embedded(uri) and not _sqlite_path(uri).is_file():
+        raise TrackingError(f"MLflow store {uri} cannot be opened: no database file at "
+                            f"{_sqlite_path(uri)}; run the pipeline first or set MLFLOW_TRACKING_URI")
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    except (MlflowException, SQLAlchemyError) as exc:
+        raise TrackingError(f"MLflow store {uri} cannot be opened: {store_error_line(exc)}") from None
+    return client
 
 
 def setup() -> str:
