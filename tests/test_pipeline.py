@@ -121,3 +121,51 @@ def test_tiny_study_repro_tracks_every_model_and_exp_run_trains_the_untied_twin(
     assert conv_untied.data.metrics["unique_params"] == 2_265_610
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
     assert "model.tied" in json.dumps(shown) or "tied" in json.dumps(shown)
+
+    out = run([sys.executable, "-m", "paramshare.cli", "diff", conv.info.run_id, conv_untied.info.run_id], repo, env)
+    params = out.split("\n\n")[1].splitlines()
+    assert params[0] == "params (1 differ)" and params[2].split() == ["model.tied", "True", "False"]
+
+    out = run([sys.executable, "-m", "paramshare.cli", "reproduce", conv_untied.info.run_id], repo, env)
+    assert "reproduced: all" in out and "DIFFERS" not in out, out
+    client, runs = mlflow_runs(repo)
+    again = next(r for r in runs if r.data.tags.get("reproduces") == conv_untied.info.run_id)
+    assert again.data.params == conv_untied.data.params
+    for key, value in conv_untied.data.metrics.items():
+        if not key.endswith(("seconds", "images_per_s")):
+            assert again.data.metrics[key] == value, key
+    assert subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout.count("\n") == 1
+
+
+def _queue_idle(repo: Path, env: dict) -> bool:
+    status = run(["dvc", "queue", "status"], repo, env)
+    return not any(word in status for word in ("Queued", "Running"))
+
+
+@pytest.mark.slow
+def test_a_two_by_two_sweep_through_the_dvc_queue_lands_in_one_store_and_reports(tmp_path, mirror):
+    import time
+
+    repo = tiny_repo(tmp_path, variants=["mlp"])
+    env = env_for(repo, mirror)
+    run(["dvc", "exp", "run", "--queue", "-S", "model.tied=true,false", "-S", "seed=0,1"], repo, env)
+    run(["dvc", "queue", "start"], repo, env)
+    deadline = time.monotonic() + 900
+    while not _queue_idle(repo, env):
+        assert time.monotonic() < deadline, run(["dvc", "queue", "status"], repo, env)
+        time.sleep(5)
+    assert "Failed" not in run(["dvc", "queue", "status"], repo, env)
+
+    client, runs = mlflow_runs(repo)
+    cells = sorted((r.data.tags["tied"], r.data.tags["seed"]) for r in runs)
+    assert cells == [("false", "0"), ("false", "1"), ("true", "0"), ("true", "1")]
+    assert all(r.info.status == "FINISHED" and "test_acc" in r.data.metrics for r in runs)
+    assert len({r.data.tags["dvc_exp_name"] for r in runs}) == 4
+    _, parents = mlflow_runs(repo, "parent")
+    assert len(parents) == 1 and {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
+
+    run([sys.executable, "-m", "paramshare.cli", "report"], repo, env)
+    text = (repo / "reports/study.md").read_text()
+    accs = {(r.data.tags["tied"], r.data.tags["seed"]): 100 * r.data.metrics["test_acc"] for r in runs}
+    tied_mean = (accs[("true", "0")] + accs[("true", "1")]) / 2
+    assert f"{tied_mean:.2f}%" in text and "(2 seeds)" in text
