@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -176,3 +178,68 @@ def test_a_terminated_train_stage_marks_its_run_killed_and_leaves_no_metrics(wor
     assert [r.info.status for r in runs if r.data.tags.get("run_role") != "parent"] == ["KILLED"]
     assert not (workspace / "metrics").exists()
     assert not (workspace / "models").exists() or not any((workspace / "models").rglob("*.tmp"))
+
+
+def _stage_env(workspace, experiment):
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
+            "MLFLOW_EXPERIMENT_NAME": experiment, "PYTHONPATH": str(ROOT / "src")}
+
+
+def test_an_interrupted_train_stage_resumes_to_the_result_of_an_uninterrupted_one(workspace, tmp_path):
+    """SIGTERM after epoch 2 of 30, then the same stage again: it continues after the last
+    checkpointed epoch and ends with the same weights and metrics as a run never stopped."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["epochs"] = 30
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    reference = tmp_path / "reference"
+    shutil.copytree(workspace / "data", reference / "data")
+    (reference / "params.yaml").write_text(yaml.safe_dump(params))
+    stage = [sys.executable, str(ROOT / "stages/train.py"), "mlp"]
+    subprocess.run(stage, cwd=reference, env=_stage_env(reference, "resume"), check=True, capture_output=True)
+
+    env = _stage_env(workspace, "resume")
+    proc = subprocess.Popen(stage, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and "epoch 2/" not in proc.stdout.readline():
+        pass
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert not (workspace / "metrics").exists()
+    assert len(list((workspace / "checkpoints").glob("mlp-*.pt"))) == 1
+
+    resumed = subprocess.run(stage, cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = int(resumed.stdout.split("resuming after epoch ")[1].split("/")[0])
+    assert 1 <= after < 30
+    trained = [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("epoch ")]
+    assert trained == [f"{e}/30" for e in range(after + 1, 31)]
+    assert not list((workspace / "checkpoints").glob("*.pt"))
+
+    def load(root):
+        return torch.load(root / "models/mlp/model.pt", weights_only=True)["state_dict"]
+
+    for name, tensor in load(reference).items():
+        assert torch.equal(tensor, load(workspace)[name]), name
+    mine = json.loads((workspace / "plots/history/mlp.json").read_text())
+    theirs = json.loads((reference / "plots/history/mlp.json").read_text())
+    timing = ("epoch_seconds", "images_per_s")
+    assert [{k: v for k, v in e.items() if k not in timing} for e in mine] == \
+        [{k: v for k, v in e.items() if k not in timing} for e in theirs]
+    client = mlflow.tracking.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    killed, finished = [r for r in runs if r.data.tags.get("run_role") != "parent"]
+    assert killed.info.status == "KILLED" and finished.info.status == "FINISHED"
+    assert finished.data.tags["resumed_after_epoch"] == str(after)
+    assert [m.step for m in client.get_metric_history(finished.info.run_id, "val_acc")] == list(range(1, 31))
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(workspace):
+    from paramshare.training import checkpoint_key
+    cfg = config.Config()
+    assert checkpoint_key(cfg, "mlp", "d") == checkpoint_key(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=1, resume=False)), "mlp", "d")
+    assert checkpoint_key(cfg, "mlp", "d") != checkpoint_key(cfg, "mlp", "other-data")
+    assert checkpoint_key(cfg, "mlp", "d") != checkpoint_key(cfg, "conv", "d")
+    assert checkpoint_key(cfg, "mlp", "d") != checkpoint_key(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.01)), "mlp", "d")

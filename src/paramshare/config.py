@@ -54,6 +54,7 @@ class TrainConfig:
     lr: float = knob(1e-3, _positive)
     lr_schedule: str = knob("cosine", _choice("cosine", "constant"))
     threads: int = knob(0, _non_negative, "torch intra-op threads; 0 = one per core")
+    resume: bool = knob(True, None, "continue an interrupted training from its last completed epoch")
 
 
 @dataclass(frozen=True)

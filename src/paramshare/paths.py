@@ -12,6 +12,11 @@ def model_dir(family: str) -> Path:
     return Path("models") / family
 
 
+def checkpoint(family: str, key: str) -> Path:
+    """Per-epoch training state; outside DVC's outputs, which DVC deletes before a stage runs."""
+    return Path("checkpoints") / f"{family}-{key}.pt"
+
+
 def train_metrics(family: str) -> Path:
     return Path("metrics/train") / f"{family}.json"
 

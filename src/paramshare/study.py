@@ -42,7 +42,7 @@ ACCURACY_VS_PARAMS = "study_accuracy_vs_params.png"
 COLUMNS = ("n labelled", "tied params", "untied params", "tied test acc", "untied test acc",
            "tied − untied (95% CI)", "tied gap", "untied gap")
 COMMIT_PREFIX = re.compile(r"[0-9a-fA-F]{7,40}")
-IGNORED_PARAMS = frozenset({"train.threads"})
+IGNORED_PARAMS = frozenset({"train.threads", "train.resume"})
 
 Setting = tuple[tuple[str, str], ...]
 

@@ -230,6 +230,9 @@ class TrainingRun:
     def log_epoch(self, entry: dict) -> None:
         mlflow.log_metrics({k: float(v) for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]))
 
+    def set_tag(self, key: str, value: str) -> None:
+        mlflow.set_tag(key, value)
+
     def log_metrics(self, metrics: dict) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 

@@ -6,11 +6,14 @@ and every batch is an index into it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -55,14 +58,39 @@ def _batches(n: int, steps: int, batch_size: int, g: torch.Generator) -> list[to
 class FitResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_after: int = 0
+
+
+def _save_checkpoint(path: Path, epoch: int, model: nn.Module, optimizer, schedule, g: torch.Generator,
+                     result: FitResult) -> None:
+    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "schedule": schedule.state_dict(), "generator": g.get_state(), "history": result.history,
+             "seconds": result.seconds}
+    atomic_write(path, lambda fh: torch.save(state, fh))
+
+
+def _restore_checkpoint(path: Path, model: nn.Module, optimizer, schedule, g: torch.Generator,
+                        result: FitResult) -> int:
+    """Load the state saved after an epoch; returns that epoch. Tensors only: weights_only=True."""
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    g.set_state(state["generator"])
+    result.history, result.seconds = state["history"], state["seconds"]
+    return state["epoch"]
 
 
 def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, seed: int,
-        on_epoch: Callable[[dict], None] | None = None, max_steps: int | None = None) -> FitResult:
+        on_epoch: Callable[[dict], None] | None = None, max_steps: int | None = None,
+        checkpoint: Path | None = None) -> FitResult:
     """Train model on data.labelled (and, for models with uses_unlabelled, every train image).
 
     Raises DivergedError on a non-finite loss before any further step is taken.
-    max_steps caps the steps per epoch (smoke runs).
+    max_steps caps the steps per epoch (smoke runs). With a checkpoint path, the whole
+    training state (weights, optimiser, schedule, batch-order generator, history) is saved
+    there after every epoch, and when cfg.resume finds one, training continues after its
+    epoch: the batch order and every update then match an uninterrupted run exactly.
     """
     g = seed_everything(seed)
     every = normalise(data.train_images)
@@ -86,8 +114,15 @@ def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, seed: int,
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
 
     result = FitResult()
-    started = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    done = 0
+    if checkpoint is not None and cfg.resume and checkpoint.is_file():
+        done = result.resumed_after = _restore_checkpoint(checkpoint, model, optimizer, schedule, g, result)
+        print(f"resuming after epoch {done}/{cfg.epochs} from {checkpoint}", flush=True)
+        for entry in result.history:
+            if on_epoch:
+                on_epoch(entry)
+    started = time.perf_counter() - result.seconds
+    for epoch in range(done + 1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         labelled_batches = _batches(n, steps, cfg.batch_size, g)
@@ -144,8 +179,20 @@ def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, seed: int,
               flush=True)
         if on_epoch:
             on_epoch(entry)
+        result.seconds = time.perf_counter() - started
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, epoch, model, optimizer, schedule, g, result)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def checkpoint_key(cfg: Config, family: str, digest: str) -> str:
+    """What a checkpoint is valid for: every param that decides the result, and the data."""
+    relevant = cfg.to_dict()
+    relevant["train"] = {k: v for k, v in relevant["train"].items() if k not in ("threads", "resume")}
+    relevant.pop("variants")
+    blob = json.dumps({"family": family, "params": relevant, "data": digest}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def train_variant(cfg: Config, family: str, max_steps: int | None = None) -> dict:
@@ -158,8 +205,13 @@ def train_variant(cfg: Config, family: str, max_steps: int | None = None) -> dic
     hparams = dataclasses.asdict(cfg.model.family(family))
     seed_everything(cfg.seed)
     model = build(family, cfg.model.tied, hparams)
-    with tracking.training_run(family, cfg, read_digest(paths.PREPARED_META)) as run:
-        result = fit(model, data, cfg.train, cfg.seed, on_epoch=run.log_epoch, max_steps=max_steps)
+    digest = read_digest(paths.PREPARED_META)
+    state_path = None if max_steps else paths.checkpoint(family, checkpoint_key(cfg, family, digest))
+    with tracking.training_run(family, cfg, digest) as run:
+        result = fit(model, data, cfg.train, cfg.seed, on_epoch=run.log_epoch, max_steps=max_steps,
+                     checkpoint=state_path)
+        if result.resumed_after:
+            run.set_tag("resumed_after_epoch", str(result.resumed_after))
         final = result.history[-1]
         summary = {
             "family": family,
@@ -180,4 +232,6 @@ def train_variant(cfg: Config, family: str, max_steps: int | None = None) -> dic
         atomic_write_json(out / "run.json", run.reference())
         atomic_write_json(paths.history(family), result.history)
         atomic_write_json(paths.train_metrics(family), summary)
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)
     return summary
