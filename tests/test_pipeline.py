@@ -169,3 +169,11 @@ def test_a_two_by_two_sweep_through_the_dvc_queue_lands_in_one_store_and_reports
     accs = {(r.data.tags["tied"], r.data.tags["seed"]): 100 * r.data.metrics["test_acc"] for r in runs}
     tied_mean = (accs[("true", "0")] + accs[("true", "1")]) / 2
     assert f"{tied_mean:.2f}%" in text and "(2 seeds)" in text
+
+
+def test_every_stage_imports_the_library_from_its_own_checkout():
+    """Queued experiments run in copies of the repository; the editable install would make
+    them import the main working tree's code instead of their own."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    commands = [s.get("cmd") or s["do"]["cmd"] for s in stages.values()]
+    assert commands and all(c.startswith("PYTHONPATH=src python stages/") for c in commands)
