@@ -120,3 +120,17 @@ def test_reproduce_refuses_dirty_code_a_dirty_run_and_a_missing_commit(repo):
     assert proc.returncode == 1
     assert proc.stderr.strip() == (f"error: commit {'f' * 12} of run {clean} is not in {repo}; fetch it first "
                                    f"(git fetch origin {'f' * 40})")
+
+
+def test_params_of_a_run_without_the_params_artifact_are_rebuilt_from_the_flat_params(repo):
+    from mlflow.entities import Param
+
+    from paramshare.config import flatten, from_dict
+
+    cfg = dataclasses.replace(Config(), seed=3, variants=("conv", "mlp"))
+    client = MlflowClient(tracking.tracking_uri())
+    experiment = client.create_experiment("old-runs")
+    old = client.create_run(experiment, run_name="conv/tied/n=55000/seed=3")
+    params = {"family": "conv", **flatten(cfg.to_dict())}
+    client.log_batch(old.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    assert from_dict(runs.recorded_params(client, client.get_run(old.info.run_id))) == cfg

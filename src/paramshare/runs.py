@@ -104,7 +104,7 @@ def recorded_params(client, run) -> dict:
             *path, last = key.split(".")
             for part in path:
                 node = node.setdefault(part, {})
-            node[last] = yaml.safe_load(value)
+            node[last] = value.split(",") if key == "variants" else yaml.safe_load(value)
         return nested
 
 
