@@ -93,8 +93,9 @@ def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 def recorded_params(client, run) -> dict:
     """The run's params.yaml: the logged artifact, else rebuilt from the flat params."""
     try:
-        path = client.download_artifacts(run.info.run_id, tracking.PARAMS_ARTIFACT, tempfile.mkdtemp())
-        return yaml.safe_load(Path(path).read_text())
+        with tempfile.TemporaryDirectory() as scratch:
+            path = client.download_artifacts(run.info.run_id, tracking.PARAMS_ARTIFACT, scratch)
+            return yaml.safe_load(Path(path).read_text())
     except Exception:  # runs logged before the artifact existed
         nested: dict = {}
         for key, value in run.data.params.items():
@@ -202,7 +203,10 @@ def reproduce(run_id: str, log=print) -> tuple[str, Comparison]:
     scratch = Path(tempfile.mkdtemp(prefix="paramshare-reproduce-"))
     worktree = scratch / "repo"
     try:
-        _git(repo, "worktree", "add", "--detach", "--quiet", str(worktree), commit)
+        added = _git(repo, "worktree", "add", "--detach", "--quiet", str(worktree), commit, check=False)
+        if added.returncode:
+            reason = (added.stderr.strip().splitlines() or ["git worktree add failed"])[-1]
+            raise TrackingError(f"reproduce: cannot check out {commit[:12]}: {reason}")
         (worktree / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         raw = repo / "data" / "raw"
         if raw.is_dir():
