@@ -44,3 +44,27 @@ def test_report_arguments_collect_tags_and_refuses_malformed_ones(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_signal_during_a_store_write_is_raised_when_the_write_is_done():
+    import os
+    import signal
+
+    from paramshare import signals
+
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    signals.install()
+    try:
+        finished = []
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            with signals.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                finished.append("write")
+        assert finished == ["write"]
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            finished.append("not reached")
+        assert finished == ["write"]
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])

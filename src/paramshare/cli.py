@@ -4,19 +4,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
+from paramshare import signals
 from paramshare.config import ConfigError
 from paramshare.data import DataError
 from paramshare.errors import TrackingError
 from paramshare.training import DivergedError
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def guarded(main: Callable[[], object]) -> None:
@@ -24,7 +20,7 @@ def guarded(main: Callable[[], object]) -> None:
 
     SIGTERM is turned into KeyboardInterrupt, so a terminated stage unwinds like Ctrl-C:
     its MLflow run is marked KILLED and no output is left half-written."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    signals.install()
     try:
         main()
     except ConfigError as exc:

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from paramshare import signals
 from paramshare.config import Config, flatten
 from paramshare.errors import TrackingError
 
@@ -228,13 +229,16 @@ class TrainingRun:
         self.experiment_id = run.info.experiment_id
 
     def log_epoch(self, entry: dict) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]))
+        with signals.deferred():
+            mlflow.log_metrics({k: float(v) for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]))
 
     def set_tag(self, key: str, value: str) -> None:
-        mlflow.set_tag(key, value)
+        with signals.deferred():
+            mlflow.set_tag(key, value)
 
     def log_metrics(self, metrics: dict) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        with signals.deferred():
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
     def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
         """Pickle serialisation keeps shared tensors shared (MLflow's pt2 default unties
@@ -242,11 +246,12 @@ class TrainingRun:
         model.eval()
         with torch.no_grad():
             output = model(example).numpy()
-        mlflow.pytorch.log_model(
-            model, name="model", serialization_format="pickle",
-            signature=infer_signature(example.numpy(), output), input_example=example.numpy(),
-            code_paths=[str(PACKAGE_DIR)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
+        with signals.deferred():
+            mlflow.pytorch.log_model(
+                model, name="model", serialization_format="pickle",
+                signature=infer_signature(example.numpy(), output), input_example=example.numpy(),
+                code_paths=[str(PACKAGE_DIR)],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"])
 
     def reference(self) -> dict:
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": tracking_uri()}
@@ -256,19 +261,24 @@ class TrainingRun:
 def training_run(family: str, cfg: Config, data_digest: str) -> Iterator[TrainingRun]:
     """One MLflow run per trained model; ends FAILED on an error, KILLED on an interrupt."""
     experiment_id = setup()
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(family, cfg),
-                           parent_run_id=parent_run(experiment_id), tags=run_tags(family, cfg, data_digest))
+    with signals.deferred():
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(family, cfg),
+                               parent_run_id=parent_run(experiment_id), tags=run_tags(family, cfg, data_digest))
     try:
-        mlflow.log_params({"family": family, **flatten(cfg.to_dict())})
-        mlflow.log_dict(cfg.to_dict(), PARAMS_ARTIFACT)
+        with signals.deferred():
+            mlflow.log_params({"family": family, **flatten(cfg.to_dict())})
+            mlflow.log_dict(cfg.to_dict(), PARAMS_ARTIFACT)
         yield TrainingRun(run)
     except KeyboardInterrupt:
-        mlflow.end_run(status="KILLED")
+        with signals.deferred():
+            mlflow.end_run(status="KILLED")
         raise
     except BaseException:
-        mlflow.end_run(status="FAILED")
+        with signals.deferred():
+            mlflow.end_run(status="FAILED")
         raise
-    mlflow.end_run(status="FINISHED")
+    with signals.deferred():
+        mlflow.end_run(status="FINISHED")
 
 
 def log_to_run(run_id: str, metrics: dict) -> bool:
@@ -281,8 +291,9 @@ def log_to_run(run_id: str, metrics: dict) -> bool:
         return False
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-    for i in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[i:i + 500])
+    with signals.deferred():
+        for i in range(0, len(items), 500):
+            client.log_batch(run_id, metrics=items[i:i + 500])
     return True
 
 
