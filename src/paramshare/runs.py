@@ -27,10 +27,6 @@ TIMING_MARKERS = ("seconds", "images_per_s")
 TAGS_NOT_COMPARED = ("mlflow.log-model.history",)
 
 
-def _client():
-    return tracking.open_store()
-
-
 def get_run(client, run_id: str):
     """The run, or TrackingError when the store does not hold it or paramshare did not make it."""
     from mlflow.exceptions import MlflowException
@@ -82,7 +78,7 @@ def diff_runs(run_a, run_b) -> str:
 
 
 def diff(run_a: str, run_b: str) -> str:
-    client = _client()
+    client = tracking.open_store()
     return diff_runs(get_run(client, run_a), get_run(client, run_b))
 
 
@@ -179,7 +175,7 @@ def _stage_env(worktree: Path, experiment: str) -> dict:
 
 def reproduce(run_id: str, log=print) -> tuple[str, Comparison]:
     """Re-train run_id from its recorded commit and params; returns (new run id, comparison)."""
-    client = _client()
+    client = tracking.open_store()
     original = get_run(client, run_id)
     family = original.data.params["family"]
     commit = original.data.tags.get("git_commit")

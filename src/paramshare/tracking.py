@@ -207,8 +207,8 @@ def run_tags(family: str, cfg: Config, data_digest: str) -> dict[str, str]:
         "train_size": str(cfg.data.train_size),
         "seed": str(cfg.seed),
         "data_digest": data_digest,
+        PROJECT_TAG[0]: PROJECT_TAG[1],
     }
-    tags[PROJECT_TAG[0]] = PROJECT_TAG[1]
     commit = _git("rev-parse", "HEAD")
     if commit:
         tags["git_commit"] = commit
