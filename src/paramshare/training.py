@@ -182,6 +182,7 @@ def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, seed: int,
         result.seconds = time.perf_counter() - started
         if checkpoint is not None:
             _save_checkpoint(checkpoint, epoch, model, optimizer, schedule, g, result)
+    result.seconds = time.perf_counter() - started
     return result
 
 
