@@ -11,6 +11,7 @@ from typing import Callable
 from paramshare import signals
 from paramshare.config import ConfigError
 from paramshare.data import DataError
+from paramshare.distributed import PlacementError
 from paramshare.errors import TrackingError
 from paramshare.training import DivergedError
 
@@ -26,7 +27,7 @@ def guarded(main: Callable[[], object]) -> None:
     except ConfigError as exc:
         print(f"error: params: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (DataError, DivergedError, TrackingError) as exc:
+    except (DataError, DivergedError, PlacementError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -55,6 +55,8 @@ class TrainConfig:
     lr_schedule: str = knob("cosine", _choice("cosine", "constant"))
     threads: int = knob(0, _non_negative, "torch intra-op threads; 0 = one per core")
     resume: bool = knob(True, None, "continue an interrupted training from its last completed epoch")
+    device: str = knob("auto", _choice("auto", "cpu", "cuda", "mps"), "auto: CUDA, else MPS, else CPU")
+    distributed: int = knob(0, _non_negative, "processes the train stage runs under torchrun (DDP); 0 = none")
 
 
 @dataclass(frozen=True)
