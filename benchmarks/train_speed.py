@@ -4,11 +4,12 @@ Times, on the same MNIST data and batch size:
   * the reference loop (torchvision MNIST + per-sample ToTensor/Normalize + DataLoader,
     as in ../shared/reference/mnist_cnn_reference.py) on the reference CNN;
   * paramshare's in-memory loop (paramshare.training.fit) on every family, tied and untied;
-  * the machine's matmul rate, to express each model's achieved GFLOP/s as a fraction of it.
+  * the machine's matmul rate, to express each model's achieved GFLOP/s as a fraction of it;
+  * one process against N torch.distributed (DDP, gloo) processes under torchrun, same global batch.
 
 Each figure is the median over --repeats timed chunks of --steps optimiser steps.
 
-    python benchmarks/train_speed.py [--steps 100] [--repeats 3] [--families conv,recurrent]
+    python benchmarks/train_speed.py [--steps 100] [--repeats 3] [--families conv,recurrent] [--processes 1,2]
 """
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ import argparse
 import contextlib
 import dataclasses
 import gzip
+import json
 import os
 import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from paramshare import distributed
 from paramshare.config import Config, TrainConfig
 from paramshare.data import Prepared, load_raw, normalise, prepare
 from paramshare.metrics import evaluate_split
@@ -115,8 +120,10 @@ def reference_loop(mirror: Path, steps: int, repeats: int, batch_size: int,
         shutil.rmtree(root, ignore_errors=True)
 
 
-def paramshare_loop(data, family: str, tied: bool, steps: int, repeats: int, batch_size: int) -> float:
-    """Images/s of paramshare.training.fit over `steps` steps (median of repeats; warm-up dropped)."""
+def paramshare_loop(data, family: str, tied: bool, steps: int, repeats: int, batch_size: int,
+                    placement: distributed.Placement | None = None) -> float:
+    """Images/s of paramshare.training.fit over `steps` steps (median of repeats; warm-up dropped).
+    Under torchrun (a placement of several ranks) the images of every rank are counted."""
     cfg = Config()
     hparams = dataclasses.asdict(cfg.model.family(family))
     train = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3)
@@ -125,10 +132,32 @@ def paramshare_loop(data, family: str, tied: bool, steps: int, repeats: int, bat
     rates = []
     for chunk in range(repeats + 1):
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            result = fit(model, data, train, chunk, max_steps=steps)
-        if chunk:
+            result = fit(model, data, train, chunk, max_steps=steps, placement=placement)
+        if chunk and result.history:
             rates.append(result.history[0]["images_per_s"])
-    return statistics.median(rates)
+    return statistics.median(rates) if rates else 0.0
+
+
+def ddp_worker(args) -> None:
+    """One torchrun rank of the processes comparison: rank 0 prints its images/s as JSON."""
+    place = distributed.start("cpu")
+    set_threads(0, place.local_world)
+    data = prepare(load_raw(Path(args.mirror)), val_size=5000, train_size=55000, seed=0)
+    try:
+        rate = paramshare_loop(data, args.family_under_test, True, args.steps, args.repeats, args.batch_size, place)
+    finally:
+        distributed.stop()
+    if place.main:
+        print(json.dumps({"images_per_s": rate}))
+
+
+def processes_rate(args, family: str, processes: int) -> float:
+    """Images/s of `family` with `processes` DDP processes on this machine (cores shared out)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               __file__, "--ddp-worker", "--family-under-test", family, "--steps", str(args.steps),
+               "--repeats", str(args.repeats), "--batch-size", str(args.batch_size), "--mirror", args.mirror]
+    proc = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["images_per_s"]
 
 
 def paramshare_accuracy(data, epochs: int, batch_size: int) -> float:
@@ -166,7 +195,14 @@ def main() -> None:
                              "test accuracy (0: skip)")
     parser.add_argument("--mirror", default=os.environ.get("PARAMSHARE_MNIST_MIRROR",
                                                            str(ROOT.parent / "shared" / "data" / "mnist")))
+    parser.add_argument("--processes", default="1,2",
+                        help="torch.distributed process counts to compare on conv and mlp (empty: skip)")
+    parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--family-under-test", default="conv", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ddp_worker:
+        ddp_worker(args)
+        return
     threads = set_threads(0)
     mirror = Path(args.mirror)
     data = prepare(load_raw(mirror), val_size=5000, train_size=55000, seed=0)
@@ -204,6 +240,15 @@ def main() -> None:
         print(f"\nsame maths: reference CNN, {args.accuracy_epochs} epoch(s) on 60,000 images, Adam 1e-3, "
               f"batch {args.batch_size}: test accuracy reference loop {100 * ref_acc:.2f}%, "
               f"paramshare loop {100 * ours:.2f}%")
+    counts = [int(n) for n in args.processes.split(",") if n]
+    if counts:
+        print(f"\ntorch.distributed (DDP, gloo) under torchrun, global batch {args.batch_size}, "
+              f"{os.cpu_count()} cores shared out between the processes:")
+        print(f"{'model':<22} " + " ".join(f"{f'{n} proc img/s':>14}" for n in counts) + f" {'speed-up':>9}")
+        for family in ("conv", "mlp"):
+            rates = [processes_rate(args, family, n) for n in counts]
+            print(f"{family + ' tied':<22} " + " ".join(f"{r:>14.0f}" for r in rates)
+                  + f" {rates[-1] / rates[0]:>8.2f}x", flush=True)
     again = matmul_gflops()
     if again > peak:
         print(f"\n(matmul re-measured at the end: {again:.1f} GFLOP/s; % matmul above used {peak:.1f})")
