@@ -3,13 +3,20 @@
 The embedded default store is SQLite at the repository root, anchored there even when DVC
 runs a stage in a copy of the repository (`dvc exp run --temp/--queue` works in
 <repo>/.dvc/tmp/exps/...): a relative URI would write into that copy and be lost.
+
+A store that goes away mid-run never leaves a silent gap: per-epoch metrics that cannot be
+written are kept in memory and sent again after each epoch; if they still cannot be sent when
+training ends, the run fails with TrackingError before any output is written (the stage's
+per-epoch checkpoint is kept, so re-running it logs every epoch again).
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+import re
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +24,9 @@ from pathlib import Path
 from typing import Iterator
 
 import mlflow
+import requests
 import torch
+import urllib3
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -59,6 +68,27 @@ def _sqlite_path(uri: str) -> Path:
 
 PROBE_TIMEOUT_S = 5.0
 PARAMS_ARTIFACT = "params.yaml"
+# MLflow's own defaults retry a failed request 7 times with backoff 2 and wait 120 s for an
+# answer: minutes before a lost server is noticed. These apply unless the user set them.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+RETRY_ENV = "PARAMSHARE_TRACKING_RETRY_S"
+RETRY_BUDGET_S = 60.0
+STORE_ERRORS = (MlflowException, requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _cap_http_retries(uri: str) -> None:
+    if _is_server(uri):
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+
+
+def _store_name(uri: str) -> str:
+    return f"MLflow tracking server {uri}" if _is_server(uri) else f"MLflow store {uri}"
 
 
 def _probe_server(uri: str) -> None:
@@ -80,6 +110,40 @@ def store_error_line(exc: Exception) -> str:
     return (text.strip().splitlines() or [type(exc).__name__])[0]
 
 
+def _reason(exc: Exception) -> str:
+    """The gist of a failed write: the OS error when there is one (MLflow wraps a refused
+    connection in a few hundred characters of urllib3 detail), else the first line, cut short."""
+    text = store_error_line(exc)
+    found = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+    if found:
+        return found.group(0).strip()
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+@contextlib.contextmanager
+def _writing(uri: str, what: str) -> Iterator[None]:
+    """A write to the store, interrupts held back; a failure is one TrackingError line."""
+    with signals.deferred():
+        try:
+            yield
+        except STORE_ERRORS as exc:
+            raise TrackingError(f"{_store_name(uri)}: {what} failed: {_reason(exc)}") from None
+
+
+def retry_budget() -> float:
+    """Seconds TrainingRun.flush keeps retrying: $PARAMSHARE_TRACKING_RETRY_S, else RETRY_BUDGET_S."""
+    value = os.environ.get(RETRY_ENV)
+    if not value:
+        return RETRY_BUDGET_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise TrackingError(f"{RETRY_ENV}: got {value!r}; allowed: seconds >= 0")
+    return seconds
+
+
 def open_store(uri: str | None = None) -> MlflowClient:
     """A client on an existing store, for reading: never creates one (MLflow would create a
     missing SQLite file and its directories); TrackingError naming the URI otherwise."""
@@ -89,7 +153,8 @@ def open_store(uri: str | None = None) -> MlflowClient:
     if _is_embedded(uri) and not _sqlite_path(uri).is_file():
         raise TrackingError(f"MLflow store {uri} cannot be opened: no database file at "
                             f"{_sqlite_path(uri)}; run the pipeline first or set MLFLOW_TRACKING_URI")
-    if uri.startswith(("http://", "https://")):
+    _cap_http_retries(uri)
+    if _is_server(uri):
         _probe_server(uri)
     try:
         client = MlflowClient(tracking_uri=uri)
@@ -103,10 +168,12 @@ def setup() -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id.
 
     Creating the SQLite schema from several processes at once can race, so the first
-    use is serialised with a file lock beside the database.
+    use is serialised with a file lock beside the database. For a server, MLflow's HTTP
+    retries are capped (HTTP_DEFAULTS) so that losing it mid-run shows within seconds.
     """
     uri = tracking_uri()
-    if uri.startswith(("http://", "https://")):
+    _cap_http_retries(uri)
+    if _is_server(uri):
         _probe_server(uri)
     mlflow.set_tracking_uri(uri)
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
@@ -222,22 +289,81 @@ def run_tags(family: str, cfg: Config, data_digest: str) -> dict[str, str]:
 
 
 class TrainingRun:
-    """Handle on the active MLflow run of one trained model."""
+    """Handle on the active MLflow run of one trained model.
 
-    def __init__(self, run: mlflow.ActiveRun):
+    Per-epoch metrics the store does not take are kept in `pending` with their step and
+    timestamp and sent again, in order, before every later write. Sending an epoch again that
+    the store had in fact taken (its answer lost) adds nothing: a metric is identified by key,
+    step, timestamp and value.
+    """
+
+    def __init__(self, run: mlflow.ActiveRun, uri: str | None = None):
         self.run_id = run.info.run_id
         self.experiment_id = run.info.experiment_id
+        self.uri = uri or tracking_uri()
+        self.pending: list[tuple[int, dict[str, float], int]] = []
+        self.last_error = ""
+        self._warned = False
 
     def log_epoch(self, entry: dict) -> None:
-        with signals.deferred():
-            mlflow.log_metrics({k: float(v) for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]))
+        """Log one epoch's metrics (step = epoch); never raises for a store that is away."""
+        metrics = {k: float(v) for k, v in entry.items() if k != "epoch"}
+        self.pending.append((int(entry["epoch"]), metrics, int(time.time() * 1000)))
+        if self._deliver():
+            return
+        if not self._warned:
+            self._warned = True
+            print(f"warning: {_store_name(self.uri)} did not take the metrics of epoch {self.pending[-1][0]} "
+                  f"({self.last_error}); training goes on: they are kept and sent again after every epoch",
+                  file=sys.stderr, flush=True)
+
+    def _deliver(self) -> bool:
+        """Send the pending epochs, oldest first, stopping at the first failure; True when none is left."""
+        first = self.pending[0][0] if self.pending else None
+        sent = 0
+        while self.pending:
+            epoch, metrics, timestamp = self.pending[0]
+            try:
+                with signals.deferred():
+                    mlflow.log_metrics(metrics, step=epoch, timestamp=timestamp, run_id=self.run_id)
+            except STORE_ERRORS as exc:
+                self.last_error = _reason(exc)
+                return False
+            self.pending.pop(0)
+            sent += 1
+        if self._warned and sent:
+            self._warned = False
+            print(f"{_store_name(self.uri)} is back: the metrics of {_epochs(first, first + sent - 1)} are logged",
+                  file=sys.stderr, flush=True)
+        return True
+
+    def flush(self) -> None:
+        """Deliver every pending epoch, retrying with backoff for retry_budget() seconds;
+        TrackingError when they still cannot be sent."""
+        if not self.pending:
+            return
+        deadline = time.monotonic() + retry_budget()
+        delay = 1.0
+        while not self._deliver():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                first, last = self.pending[0][0], self.pending[-1][0]
+                raise TrackingError(
+                    f"{_store_name(self.uri)} has not answered since epoch {first} ({self.last_error}): "
+                    f"the metrics of {len(self.pending)} epoch(s), {_epochs(first, last)}, are not logged in run "
+                    f"{self.run_id}; re-run the stage when the server is back: it resumes from its checkpoint "
+                    f"and logs every epoch again")
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 10.0)
 
     def set_tag(self, key: str, value: str) -> None:
-        with signals.deferred():
+        self.flush()
+        with _writing(self.uri, f"setting tag {key} of run {self.run_id}"):
             mlflow.set_tag(key, value)
 
     def log_metrics(self, metrics: dict) -> None:
-        with signals.deferred():
+        self.flush()
+        with _writing(self.uri, f"logging the final metrics of run {self.run_id}"):
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
     def log_model(self, model: torch.nn.Module, example: torch.Tensor) -> None:
@@ -246,7 +372,8 @@ class TrainingRun:
         model.eval()
         with torch.no_grad():
             output = model(example).numpy()
-        with signals.deferred():
+        self.flush()
+        with _writing(self.uri, f"logging the model of run {self.run_id}"):
             mlflow.pytorch.log_model(
                 model, name="model", serialization_format="pickle",
                 signature=infer_signature(example.numpy(), output), input_example=example.numpy(),
@@ -257,27 +384,44 @@ class TrainingRun:
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": tracking_uri()}
 
 
-@contextlib.contextmanager
-def training_run(family: str, cfg: Config, data_digest: str) -> Iterator[TrainingRun]:
-    """One MLflow run per trained model; ends FAILED on an error, KILLED on an interrupt."""
-    experiment_id = setup()
-    with signals.deferred():
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(family, cfg),
-                               parent_run_id=parent_run(experiment_id), tags=run_tags(family, cfg, data_digest))
+def _epochs(first: int, last: int) -> str:
+    return f"epoch {first}" if first == last else f"epochs {first}-{last}"
+
+
+def _end_failed_run(uri: str, run_id: str, status: str) -> None:
+    """Mark a run that died; a store that is gone gets one warning line, so that the error
+    that killed the run is the one reported."""
     try:
         with signals.deferred():
+            mlflow.end_run(status=status)
+    except STORE_ERRORS as exc:
+        print(f"warning: {_store_name(uri)} could not mark run {run_id} {status} ({_reason(exc)})",
+              file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def training_run(family: str, cfg: Config, data_digest: str) -> Iterator[TrainingRun]:
+    """One MLflow run per trained model; ends FAILED on an error, KILLED on an interrupt.
+    Every pending epoch is delivered (TrainingRun.flush) before it is marked FINISHED."""
+    experiment_id = setup()
+    uri = tracking_uri()
+    with _writing(uri, "starting a run"):
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(family, cfg),
+                               parent_run_id=parent_run(experiment_id), tags=run_tags(family, cfg, data_digest))
+    handle = TrainingRun(run, uri)
+    try:
+        with _writing(uri, f"logging the params of run {handle.run_id}"):
             mlflow.log_params({"family": family, **flatten(cfg.to_dict())})
             mlflow.log_dict(cfg.to_dict(), PARAMS_ARTIFACT)
-        yield TrainingRun(run)
+        yield handle
+        handle.flush()
     except KeyboardInterrupt:
-        with signals.deferred():
-            mlflow.end_run(status="KILLED")
+        _end_failed_run(uri, handle.run_id, "KILLED")
         raise
     except BaseException:
-        with signals.deferred():
-            mlflow.end_run(status="FAILED")
+        _end_failed_run(uri, handle.run_id, "FAILED")
         raise
-    with signals.deferred():
+    with _writing(uri, f"marking run {handle.run_id} FINISHED"):
         mlflow.end_run(status="FINISHED")
 
 
