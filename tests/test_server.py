@@ -307,9 +307,9 @@ def test_a_lost_server_is_noticed_in_seconds_and_the_run_fails_naming_the_missin
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
     message = str(raised.value)
-    assert message.startswith(f"MLflow tracking server {server.uri} has not answered since epoch 2 (")
-    assert message.endswith(f"the metrics of 2 epoch(s), epochs 2-3, are not logged in run {run.run_id}; re-run the "
-                            "stage when the server is back: it resumes from its checkpoint and logs every epoch again")
+    assert message.startswith(f"MLflow tracking server {server.uri} has taken no metrics since epoch 2 (")
+    assert message.endswith(f"2 epochs of metrics (epochs 2-3) not logged in run {run.run_id}; re-run the stage "
+                            "when the server is back: it resumes from its checkpoint and logs every epoch again")
     err = _ours(capsys.readouterr().err)
     warnings = [line for line in err if line.startswith("warning:")]
     assert len(warnings) == 2, err
@@ -365,8 +365,8 @@ def test_a_server_lost_for_good_fails_the_stage_with_no_outputs_and_a_rerun_logs
     assert proc.returncode == 1, err[-3000:]
     assert failed_within < 60
     assert err.strip().splitlines()[-1] == (
-        f"error: MLflow tracking server {server.uri} has not answered since epoch 2 ([Errno 111] Connection refused): "
-        f"the metrics of {epochs - 1} epoch(s), epochs 2-{epochs}, are not logged in run {lost_run}; re-run the stage "
+        f"error: MLflow tracking server {server.uri} has taken no metrics since epoch 2 ([Errno 111] Connection "
+        f"refused): {epochs - 1} epochs of metrics (epochs 2-{epochs}) not logged in run {lost_run}; re-run the stage "
         "when the server is back: it resumes from its checkpoint and logs every epoch again")
     assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == \
         [f"{e}/{epochs}" for e in range(1, epochs + 1)]
@@ -445,7 +445,7 @@ def test_epochs_the_store_refused_are_sent_again_with_their_steps_and_times(stor
 def test_a_store_that_stays_away_fails_the_run_after_the_retry_budget(store, monkeypatch):
     monkeypatch.setattr(mlflow, "log_metrics", _failing(10**6, mlflow.log_metrics))
     monkeypatch.setenv(tracking.RETRY_ENV, "1.5")
-    with pytest.raises(TrackingError, match=r"since epoch 1 .*the metrics of 2 epoch\(s\), epochs 1-2, are not logged"):
+    with pytest.raises(TrackingError, match=r"since epoch 1 \(.*\): 2 epochs of metrics \(epochs 1-2\) not logged"):
         with tracking.training_run("mlp", Config(), "d") as run:
             run.log_epoch({"epoch": 1, "val_acc": 0.1})
             run.log_epoch({"epoch": 2, "val_acc": 0.2})

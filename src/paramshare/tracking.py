@@ -313,7 +313,7 @@ class TrainingRun:
             return
         if not self._warned:
             self._warned = True
-            print(f"warning: {_store_name(self.uri)} did not take the metrics of epoch {self.pending[-1][0]} "
+            print(f"warning: {_store_name(self.uri)} did not take the metrics of epoch {self.pending[0][0]} "
                   f"({self.last_error}); training goes on: they are kept and sent again after every epoch",
                   file=sys.stderr, flush=True)
 
@@ -347,10 +347,10 @@ class TrainingRun:
         while not self._deliver():
             left = deadline - time.monotonic()
             if left <= 0:
-                first, last = self.pending[0][0], self.pending[-1][0]
+                first, last, n = self.pending[0][0], self.pending[-1][0], len(self.pending)
                 raise TrackingError(
-                    f"{_store_name(self.uri)} has not answered since epoch {first} ({self.last_error}): "
-                    f"the metrics of {len(self.pending)} epoch(s), {_epochs(first, last)}, are not logged in run "
+                    f"{_store_name(self.uri)} has taken no metrics since epoch {first} ({self.last_error}): "
+                    f"{n} epoch{'s' if n > 1 else ''} of metrics ({_epochs(first, last)}) not logged in run "
                     f"{self.run_id}; re-run the stage when the server is back: it resumes from its checkpoint "
                     f"and logs every epoch again")
             time.sleep(min(delay, left))
