@@ -273,6 +273,7 @@ def train_variant(cfg: Config, family: str, max_steps: int | None = None) -> dic
             run.set_tag("processes", str(place.world))
             result = fit(model, data, cfg.train, cfg.seed, on_epoch=run.log_epoch, max_steps=max_steps,
                          checkpoint=state_path, placement=place)
+            run.flush()
             model.to("cpu")
             if result.resumed_after:
                 run.set_tag("resumed_after_epoch", str(result.resumed_after))
