@@ -1,8 +1,10 @@
 """Training speed, measured in ONE run so that ratios are fair on a noisy machine.
 
 Times, on the same MNIST data and batch size:
-  * the reference loop (torchvision MNIST + per-sample ToTensor/Normalize + DataLoader,
-    as in ../shared/reference/mnist_cnn_reference.py) on the reference CNN;
+  * the reference loop: ../shared/reference/mnist_cnn_reference.py as written (its CNN class,
+    torchvision MNIST + per-sample ToTensor/Normalize + DataLoader, Adam), and the same loop
+    on paramshare's ConvNet (the same function, 211,690 parameters) to tell the model's gain
+    from the loop's;
   * paramshare's in-memory loop (paramshare.training.fit) on every family, tied and untied;
   * the machine's matmul rate, to express each model's achieved GFLOP/s as a fraction of it;
   * one process against N torch.distributed (DDP, gloo) processes under torchrun, same global batch.
@@ -27,9 +29,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from paramshare import distributed
 from paramshare.config import Config, TrainConfig
@@ -67,10 +71,35 @@ def training_flops_per_image(model: torch.nn.Module) -> float:
     return 3.0 * counter.get_total_flops()
 
 
-def reference_loop(mirror: Path, steps: int, repeats: int, batch_size: int,
-                   epochs: int = 0) -> tuple[float, float | None]:
-    """Images/s of the reference DataLoader loop on the reference CNN (median of repeats), and,
-    when epochs > 0, its test accuracy after that many full epochs from a fresh model."""
+class ReferenceCNN(nn.Module):
+    """SharedWeightsCNN of ../shared/reference/mnist_cnn_reference.py, verbatim."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, kernel_size=3, stride=1, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, kernel_size=3, stride=1, padding=1)
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2, padding=0)
+        self.fc1 = nn.Linear(32 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, 10)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.conv1(x)))
+        x = self.pool(self.relu(self.conv2(x)))
+        x = x.view(-1, 32 * 7 * 7)
+        x = self.relu(self.fc1(x))
+        x = self.fc2(x)
+        return x
+
+
+def paramshare_cnn() -> nn.Module:
+    return build("conv", True, dataclasses.asdict(Config().model.conv))
+
+
+def reference_loop(mirror: Path, steps: int, repeats: int, batch_size: int, epochs: int = 0,
+                   make_model: Callable[[], nn.Module] = ReferenceCNN) -> tuple[float, float | None]:
+    """Images/s of the reference DataLoader loop (median of repeats) on make_model(), and, when
+    epochs > 0, its test accuracy after that many full epochs from a fresh model."""
     from torchvision import datasets, transforms
     root = Path(tempfile.mkdtemp(prefix="mnist-ref-"))
     raw = root / "MNIST" / "raw"
@@ -81,7 +110,7 @@ def reference_loop(mirror: Path, steps: int, repeats: int, batch_size: int,
             shutil.copyfileobj(src, dst)
     try:
         torch.manual_seed(0)
-        model = build("conv", True, dataclasses.asdict(Config().model.conv))
+        model = make_model()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
         dataset = datasets.MNIST(root=str(root), train=True, transform=transform, download=False)
@@ -105,7 +134,7 @@ def reference_loop(mirror: Path, steps: int, repeats: int, batch_size: int,
         accuracy = None
         if epochs:
             torch.manual_seed(0)
-            model = build("conv", True, dataclasses.asdict(Config().model.conv))
+            model = make_model()
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
             for _ in range(epochs):
                 for images, labels in loader:
@@ -215,9 +244,11 @@ def main() -> None:
           f"torch {torch.__version__}, matmul {peak:.1f} GFLOP/s (1024x1024 fp32)\n")
     ref, ref_acc = reference_loop(mirror, args.steps, args.repeats, args.batch_size, args.accuracy_epochs)
     print(f"{'model':<22} {'images/s':>9} {'s/epoch':>8} {'x ref':>6} {'GFLOP/s':>8} {'% matmul':>9}")
-    ref_flops = training_flops_per_image(build("conv", True, dataclasses.asdict(Config().model.conv)))
-    print(f"{'reference loop (conv)':<22} {ref:>9.0f} {55000 / ref:>8.1f} {1.0:>6.2f} "
-          f"{ref * ref_flops / 1e9:>8.1f} {100 * ref * ref_flops / 1e9 / peak:>8.0f}%")
+    ref_flops = training_flops_per_image(paramshare_cnn())
+    same_model, _ = reference_loop(mirror, args.steps, args.repeats, args.batch_size, make_model=paramshare_cnn)
+    for name, rate in (("reference loop", ref), ("  on paramshare ConvNet", same_model)):
+        print(f"{name:<22} {rate:>9.0f} {55000 / rate:>8.1f} {rate / ref:>6.2f} "
+              f"{rate * ref_flops / 1e9:>8.1f} {100 * rate * ref_flops / 1e9 / peak:>8.0f}%")
     below: dict[str, str] = {}
     for family in args.families.split(","):
         for tied in (True, False):
