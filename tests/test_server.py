@@ -377,16 +377,18 @@ def test_a_server_lost_for_good_fails_the_stage_with_no_outputs_and_a_rerun_logs
     rerun = subprocess.run(_stage("conv"), cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming after epoch {epochs}/{epochs}" in rerun.stdout
-    assert not list((workspace / "checkpoints").glob("*.pt"))
+    assert not list((workspace / "checkpoints").iterdir())
     run_id = json.loads((workspace / "models/conv/run.json").read_text())["run_id"]
     client = MlflowClient(tracking_uri=server.uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_after_epoch"] == str(epochs)
+    assert run.data.tags["resumes_run"] == lost_run
     history = json.loads((workspace / "plots/history/conv.json").read_text())
     assert [e["epoch"] for e in history] == list(range(1, epochs + 1))
     _assert_every_epoch(client, run_id, history)
     lost = client.get_run(lost_run)
-    assert lost.info.status == "RUNNING", "it could not be marked FAILED: the server was gone"
+    assert lost.info.status == "FAILED", "the run that lost the server must not look alive"
+    assert lost.data.tags["superseded_by"] == run_id
     assert [m.step for m in client.get_metric_history(lost_run, "val_acc")] == [1]
 
 

@@ -213,7 +213,7 @@ def test_an_interrupted_train_stage_resumes_to_the_result_of_an_uninterrupted_on
     assert 1 <= after < 30
     trained = [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("epoch ")]
     assert trained == [f"{e}/30" for e in range(after + 1, 31)]
-    assert not list((workspace / "checkpoints").glob("*.pt"))
+    assert not list((workspace / "checkpoints").iterdir())
 
     def load(root):
         return torch.load(root / "models/mlp/model.pt", weights_only=True)["state_dict"]
@@ -231,6 +231,8 @@ def test_an_interrupted_train_stage_resumes_to_the_result_of_an_uninterrupted_on
     killed, finished = [r for r in runs if r.data.tags.get("run_role") != "parent"]
     assert killed.info.status == "KILLED" and finished.info.status == "FINISHED"
     assert finished.data.tags["resumed_after_epoch"] == str(after)
+    assert finished.data.tags["resumes_run"] == killed.info.run_id
+    assert "superseded_by" not in killed.data.tags
     assert [m.step for m in client.get_metric_history(finished.info.run_id, "val_acc")] == list(range(1, 31))
 
 

@@ -400,15 +400,24 @@ def _end_failed_run(uri: str, run_id: str, status: str) -> None:
 
 
 @contextlib.contextmanager
-def training_run(family: str, cfg: Config, data_digest: str) -> Iterator[TrainingRun]:
+def training_run(family: str, cfg: Config, data_digest: str, resumes: str | None = None) -> Iterator[TrainingRun]:
     """One MLflow run per trained model; ends FAILED on an error, KILLED on an interrupt.
-    Every pending epoch is delivered (TrainingRun.flush) before it is marked FINISHED."""
+    Every pending epoch is delivered (TrainingRun.flush) before it is marked FINISHED.
+
+    resumes: the id of the run whose checkpoint this one continues. It is tagged on the new
+    run; if the store still shows it RUNNING (its process lost the server and could not mark
+    it), it is marked FAILED and tagged superseded_by, so no stale run looks alive."""
     experiment_id = setup()
     uri = tracking_uri()
+    tags = run_tags(family, cfg, data_digest)
+    if resumes:
+        tags["resumes_run"] = resumes
     with _writing(uri, "starting a run"):
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(family, cfg),
-                               parent_run_id=parent_run(experiment_id), tags=run_tags(family, cfg, data_digest))
+                               parent_run_id=parent_run(experiment_id), tags=tags)
     handle = TrainingRun(run, uri)
+    if resumes:
+        _supersede(uri, resumes, handle.run_id)
     try:
         with _writing(uri, f"logging the params of run {handle.run_id}"):
             mlflow.log_params({"family": family, **flatten(cfg.to_dict())})
@@ -423,6 +432,18 @@ def training_run(family: str, cfg: Config, data_digest: str) -> Iterator[Trainin
         raise
     with _writing(uri, f"marking run {handle.run_id} FINISHED"):
         mlflow.end_run(status="FINISHED")
+
+
+def _supersede(uri: str, old: str, new: str) -> None:
+    client = MlflowClient()
+    try:
+        stale = client.get_run(old).info.status == "RUNNING"
+    except MlflowException:
+        return
+    if stale:
+        with _writing(uri, f"marking the lost run {old} FAILED"):
+            client.set_tag(old, "superseded_by", new)
+            client.set_terminated(old, "FAILED")
 
 
 def log_to_run(run_id: str, metrics: dict) -> bool:

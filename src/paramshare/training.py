@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from paramshare import paths
 from paramshare.config import Config, ConfigError, TrainConfig
-from paramshare.data import Prepared, atomic_write, atomic_write_json, normalise, read_digest
+from paramshare.data import Prepared, atomic_write, atomic_write_json, atomic_write_text, normalise, read_digest
 from paramshare.distributed import Placement
 from paramshare.metrics import evaluate_split, param_uses_count, unique_param_count
 from paramshare.models import build
@@ -268,7 +268,11 @@ def train_variant(cfg: Config, family: str, max_steps: int | None = None) -> dic
         if not place.main:
             fit(model, data, cfg.train, cfg.seed, max_steps=max_steps, checkpoint=state_path, placement=place)
             return None
-        with tracking.training_run(family, cfg, digest) as run:
+        run_file = state_path.with_suffix(".run") if state_path else None
+        previous = run_file.read_text().strip() if run_file and cfg.train.resume and run_file.is_file() else None
+        with tracking.training_run(family, cfg, digest, resumes=previous) as run:
+            if run_file:
+                atomic_write_text(run_file, run.run_id)
             run.set_tag("device", str(place.device))
             run.set_tag("processes", str(place.world))
             result = fit(model, data, cfg.train, cfg.seed, on_epoch=run.log_epoch, max_steps=max_steps,
@@ -299,6 +303,7 @@ def train_variant(cfg: Config, family: str, max_steps: int | None = None) -> dic
             atomic_write_json(paths.train_metrics(family), summary)
         if state_path is not None:
             state_path.unlink(missing_ok=True)
+            run_file.unlink(missing_ok=True)
         return summary
     finally:
         distributed.stop()
