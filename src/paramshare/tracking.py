@@ -416,9 +416,9 @@ def training_run(family: str, cfg: Config, data_digest: str, resumes: str | None
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(family, cfg),
                                parent_run_id=parent_run(experiment_id), tags=tags)
     handle = TrainingRun(run, uri)
-    if resumes:
-        _supersede(uri, resumes, handle.run_id)
     try:
+        if resumes:
+            _supersede(uri, resumes, handle.run_id)
         with _writing(uri, f"logging the params of run {handle.run_id}"):
             mlflow.log_params({"family": family, **flatten(cfg.to_dict())})
             mlflow.log_dict(cfg.to_dict(), PARAMS_ARTIFACT)
