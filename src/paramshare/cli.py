@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -30,9 +31,19 @@ def guarded(main: Callable[[], object]) -> None:
     except (DataError, DivergedError, PlacementError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except pickle.UnpicklingError as exc:
+        print(f"error: {refused_pickle(exc)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def refused_pickle(exc: pickle.UnpicklingError) -> str:
+    """torch.load(weights_only=True) refusing a file that would run code: its reason in one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = next((line for line in lines if "global" in line.lower()), lines[0] if lines else "not plain tensors")
+    return f"refused to load a model or checkpoint that is not plain tensors (weights_only=True): {reason}"
 
 
 def cmd_check(args) -> None:

@@ -214,6 +214,9 @@ def load(path: str | os.PathLike = "params.yaml") -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
+        if isinstance(exc, yaml.constructor.ConstructorError):
+            raise ConfigError(f"{path}: refused{where}: {exc.problem} (params are plain YAML values; "
+                              f"tags that build Python objects are never run)") from None
         raise ConfigError(f"{path}: not valid YAML{where}") from None
     return from_dict(raw)
 
