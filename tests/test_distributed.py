@@ -138,3 +138,56 @@ def test_the_train_stage_hands_itself_to_torchrun_and_rank_0_alone_tracks_and_wr
     assert models[0].data.tags["processes"] == "2" and models[0].data.tags["device"] == "cpu"
     assert models[0].data.params["train.distributed"] == "2"
     assert [m.step for m in client.get_metric_history(models[0].info.run_id, "val_acc")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_terminated_distributed_stage_resumes_to_the_weights_of_an_uninterrupted_one(small_prepared, tmp_path):
+    """SIGTERM reaches torchrun (the stage execs into it), which passes it to both ranks; rank 0
+    marks the run KILLED. The re-run's rank 0 reads the checkpoint and broadcasts it, and both
+    ranks continue to exactly the weights of a distributed run never stopped."""
+    import signal
+
+    def workspace(root):
+        small_prepared.save(root / "data/prepared/mnist.pt")
+        (root / "data/prepared/meta.json").write_text(json.dumps({"digest": small_prepared.digest()}))
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        params["train"].update(epochs=6, batch_size=50, distributed=2, device="cpu")
+        params["model"]["recurrent"]["hidden"] = 16
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        return root, {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+                      "PYTHONPATH": str(ROOT / "src")}
+
+    stage = [sys.executable, str(ROOT / "stages/train.py"), "recurrent"]
+    reference, ref_env = workspace(tmp_path / "reference")
+    done = subprocess.run(stage, cwd=reference, env=ref_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    root, env = workspace(tmp_path / "interrupted")
+    proc = subprocess.Popen(stage, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not proc.stdout.readline().startswith("epoch 2/"):
+        pass
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not (root / "metrics").exists()
+    assert len(list((root / "checkpoints").glob("recurrent-*.pt"))) == 1
+
+    resumed = subprocess.run(stage, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = int(resumed.stdout.split("resuming after epoch ")[1].split("/")[0])
+    assert 1 <= after < 6
+    def weights(where):
+        return torch.load(where / "models/recurrent/model.pt", weights_only=True)["state_dict"]
+
+    mine = weights(root)
+    for name, tensor in weights(reference).items():
+        assert torch.equal(tensor, mine[name]), name
+
+    import mlflow
+    client = mlflow.tracking.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("paramshare").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    killed, finished = [r for r in runs if r.data.tags.get("run_role") != "parent"]
+    assert killed.info.status == "KILLED" and finished.info.status == "FINISHED"
+    assert finished.data.tags["resumes_run"] == killed.info.run_id
+    assert [m.step for m in client.get_metric_history(finished.info.run_id, "val_acc")] == list(range(1, 7))
