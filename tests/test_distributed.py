@@ -113,19 +113,26 @@ def test_device_choice():
         assert resolve_device("auto", local_rank=0).type == "cuda"
 
 
+STAGE = [sys.executable, str(ROOT / "stages/train.py"), "recurrent"]
+
+
+def distributed_workspace(prepared, root, epochs):
+    """Prepared data and params for a 2-process recurrent train stage; returns the stage's env."""
+    prepared.save(root / "data/prepared/mnist.pt")
+    (root / "data/prepared/meta.json").write_text(json.dumps({"digest": prepared.digest()}))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(epochs=epochs, batch_size=50, distributed=2, device="cpu")
+    params["model"]["recurrent"]["hidden"] = 16
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PYTHONPATH": str(ROOT / "src")}
+
+
 def test_the_train_stage_hands_itself_to_torchrun_and_rank_0_alone_tracks_and_writes(small_prepared, tmp_path):
     import mlflow
 
-    small_prepared.save(tmp_path / "data/prepared/mnist.pt")
-    (tmp_path / "data/prepared/meta.json").write_text(json.dumps({"digest": small_prepared.digest()}))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(epochs=2, batch_size=50, distributed=2, device="cpu")
-    params["model"]["recurrent"]["hidden"] = 16
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, str(ROOT / "stages/train.py"), "recurrent"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = distributed_workspace(small_prepared, tmp_path, epochs=2)
+    uri = env["MLFLOW_TRACKING_URI"]
+    proc = subprocess.run(STAGE, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("epoch 2/2 ") == 1
     summary = json.loads((tmp_path / "metrics/train/recurrent.json").read_text())
@@ -147,23 +154,13 @@ def test_a_terminated_distributed_stage_resumes_to_the_weights_of_an_uninterrupt
     ranks continue to exactly the weights of a distributed run never stopped."""
     import signal
 
-    def workspace(root):
-        small_prepared.save(root / "data/prepared/mnist.pt")
-        (root / "data/prepared/meta.json").write_text(json.dumps({"digest": small_prepared.digest()}))
-        params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        params["train"].update(epochs=6, batch_size=50, distributed=2, device="cpu")
-        params["model"]["recurrent"]["hidden"] = 16
-        (root / "params.yaml").write_text(yaml.safe_dump(params))
-        return root, {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-                      "PYTHONPATH": str(ROOT / "src")}
-
-    stage = [sys.executable, str(ROOT / "stages/train.py"), "recurrent"]
-    reference, ref_env = workspace(tmp_path / "reference")
-    done = subprocess.run(stage, cwd=reference, env=ref_env, capture_output=True, text=True, timeout=600)
+    reference, root = tmp_path / "reference", tmp_path / "interrupted"
+    done = subprocess.run(STAGE, cwd=reference, env=distributed_workspace(small_prepared, reference, epochs=6),
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    root, env = workspace(tmp_path / "interrupted")
-    proc = subprocess.Popen(stage, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = distributed_workspace(small_prepared, root, epochs=6)
+    proc = subprocess.Popen(STAGE, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None and not proc.stdout.readline().startswith("epoch 2/"):
         pass
     proc.send_signal(signal.SIGTERM)
@@ -172,7 +169,7 @@ def test_a_terminated_distributed_stage_resumes_to_the_weights_of_an_uninterrupt
     assert not (root / "metrics").exists()
     assert len(list((root / "checkpoints").glob("recurrent-*.pt"))) == 1
 
-    resumed = subprocess.run(stage, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(STAGE, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = int(resumed.stdout.split("resuming after epoch ")[1].split("/")[0])
     assert 1 <= after < 6
