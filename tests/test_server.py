@@ -457,6 +457,11 @@ def test_a_store_that_stays_away_fails_the_run_after_the_retry_budget(store, mon
     monkeypatch.setenv(tracking.RETRY_ENV, "soon")
     with pytest.raises(TrackingError, match=f"{tracking.RETRY_ENV}: got 'soon'; allowed: seconds >= 0"):
         tracking.retry_budget()
+    started = len(MlflowClient().search_runs([run.experiment_id]))
+    with pytest.raises(TrackingError, match=f"{tracking.RETRY_ENV}: got 'soon'"):
+        with tracking.training_run("mlp", Config(), "d"):
+            pytest.fail("a bad retry budget must be refused before the run starts")
+    assert len(MlflowClient().search_runs([run.experiment_id])) == started
 
 
 def test_a_run_that_cannot_be_marked_failed_reports_the_error_that_killed_it(store, monkeypatch, capsys):

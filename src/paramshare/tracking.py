@@ -297,10 +297,11 @@ class TrainingRun:
     step, timestamp and value.
     """
 
-    def __init__(self, run: mlflow.ActiveRun, uri: str | None = None):
+    def __init__(self, run: mlflow.ActiveRun, uri: str | None = None, retry_s: float | None = None):
         self.run_id = run.info.run_id
         self.experiment_id = run.info.experiment_id
         self.uri = uri or tracking_uri()
+        self.retry_s = retry_budget() if retry_s is None else retry_s
         self.pending: list[tuple[int, dict[str, float], int]] = []
         self.last_error = ""
         self._warned = False
@@ -338,11 +339,11 @@ class TrainingRun:
         return True
 
     def flush(self) -> None:
-        """Deliver every pending epoch, retrying with backoff for retry_budget() seconds;
+        """Deliver every pending epoch, retrying with backoff for retry_s seconds;
         TrackingError when they still cannot be sent."""
         if not self.pending:
             return
-        deadline = time.monotonic() + retry_budget()
+        deadline = time.monotonic() + self.retry_s
         delay = 1.0
         while not self._deliver():
             left = deadline - time.monotonic()
@@ -407,6 +408,7 @@ def training_run(family: str, cfg: Config, data_digest: str, resumes: str | None
     resumes: the id of the run whose checkpoint this one continues. It is tagged on the new
     run; if the store still shows it RUNNING (its process lost the server and could not mark
     it), it is marked FAILED and tagged superseded_by, so no stale run looks alive."""
+    retry_s = retry_budget()
     experiment_id = setup()
     uri = tracking_uri()
     tags = run_tags(family, cfg, data_digest)
@@ -415,7 +417,7 @@ def training_run(family: str, cfg: Config, data_digest: str, resumes: str | None
     with _writing(uri, "starting a run"):
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(family, cfg),
                                parent_run_id=parent_run(experiment_id), tags=tags)
-    handle = TrainingRun(run, uri)
+    handle = TrainingRun(run, uri, retry_s)
     try:
         if resumes:
             _supersede(uri, resumes, handle.run_id)
