@@ -6,6 +6,7 @@ global batch (see distributed.py); one process runs exactly the single-process a
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -39,6 +40,31 @@ def set_threads(threads: int, processes: int = 1) -> int:
     n = threads or max(1, (os.cpu_count() or 1) // processes)
     torch.set_num_threads(n)
     return n
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20) -> bool:
+    """Ask glibc's malloc to keep freed blocks of up to mmap_threshold bytes for reuse.
+
+    Every training step allocates and frees the same multi-megabyte activation and gradient
+    buffers (the conv family's first layer alone: 6.4 MB at batch 64). glibc's defaults hand
+    such blocks back to the kernel when they are freed (mmap'd blocks, or a trimmed heap top),
+    so each step page-faults them in again: 1,000-3,000 minor faults per conv step, about a
+    quarter of its time on a 2-core VM. With both thresholds raised they stay in the heap and
+    are reused; the peak is what the step needs either way. The maths is untouched.
+
+    A no-op returning False where the C library is not glibc, or where the user chose the
+    thresholds through MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES.
+    """
+    if any(os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -120,6 +146,7 @@ def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, seed: int,
     rank 0 validates, calls on_epoch, keeps the history and writes the checkpoint.
     """
     place = placement or Placement()
+    keep_freed_memory()
     g = seed_everything(seed)
     model.to(place.device)
     every = normalise(data.train_images).to(place.device)
