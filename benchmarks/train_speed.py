@@ -2,14 +2,19 @@
 
 Times, on the same MNIST data and batch size:
   * the reference loop: ../shared/reference/mnist_cnn_reference.py as written (its CNN class,
-    torchvision MNIST + per-sample ToTensor/Normalize + DataLoader, Adam), and the same loop
-    on paramshare's ConvNet (the same function, 211,690 parameters) to tell the model's gain
-    from the loop's;
+    torchvision MNIST + per-sample ToTensor/Normalize + DataLoader, Adam), in a process of its
+    own with the C library's default malloc settings, as a user runs it; then, to tell the
+    gains apart, the same loop with the malloc setting paramshare's loop makes
+    (training.keep_freed_memory), and with that on paramshare's ConvNet (the same function,
+    211,690 parameters);
   * paramshare's in-memory loop (paramshare.training.fit) on every family, tied and untied;
   * the machine's matmul rate, to express each model's achieved GFLOP/s as a fraction of it;
   * one process against N torch.distributed (DDP, gloo) processes under torchrun, same global batch.
 
-Each figure is the median over --repeats timed chunks of --steps optimiser steps.
+Each figure is the median over --repeats timed chunks of --steps optimiser steps, after one
+warm-up chunk. The headline (reference CNN: paramshare's loop against the reference loop)
+alternates chunks of the two --rounds times and reports every pair's ratio, so that the
+machine's drift between them can neither fake nor hide the gain.
 
     python benchmarks/train_speed.py [--steps 100] [--repeats 3] [--families conv,recurrent] [--processes 1,2]
 """
@@ -40,7 +45,7 @@ from paramshare.config import Config, TrainConfig
 from paramshare.data import Prepared, load_raw, normalise, prepare
 from paramshare.metrics import evaluate_split
 from paramshare.models import FAMILIES, build
-from paramshare.training import fit, seed_everything, set_threads
+from paramshare.training import fit, keep_freed_memory, seed_everything, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,75 +101,144 @@ def paramshare_cnn() -> nn.Module:
     return build("conv", True, dataclasses.asdict(Config().model.conv))
 
 
-def reference_loop(mirror: Path, steps: int, repeats: int, batch_size: int, epochs: int = 0,
-                   make_model: Callable[[], nn.Module] = ReferenceCNN) -> tuple[float, float | None]:
-    """Images/s of the reference DataLoader loop (median of repeats) on make_model(), and, when
-    epochs > 0, its test accuracy after that many full epochs from a fresh model."""
-    from torchvision import datasets, transforms
-    root = Path(tempfile.mkdtemp(prefix="mnist-ref-"))
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        with gzip.open(mirror / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    try:
+class ReferenceLoop:
+    """The reference DataLoader loop on make_model(), run a chunk of steps at a time."""
+
+    def __init__(self, mirror: Path, batch_size: int, make_model: Callable[[], nn.Module] = ReferenceCNN):
+        from torchvision import datasets, transforms
+        self.root = Path(tempfile.mkdtemp(prefix="mnist-ref-"))
+        raw = self.root / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+            with gzip.open(mirror / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        self.make_model, self.batch_size = make_model, batch_size
+        self.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+        dataset = datasets.MNIST(root=str(self.root), train=True, transform=self.transform, download=False)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
         torch.manual_seed(0)
-        model = make_model()
+        self.model = make_model()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.batches = iter(self.loader)
+
+    def chunk(self, steps: int) -> float:
+        """Images/s over the next `steps` steps."""
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            try:
+                images, labels = next(self.batches)
+            except StopIteration:
+                self.batches = iter(self.loader)
+                images, labels = next(self.batches)
+            self.optimizer.zero_grad()
+            loss = F.cross_entropy(self.model(images), labels)
+            loss.backward()
+            self.optimizer.step()
+        return steps * self.batch_size / (time.perf_counter() - t0)
+
+    def accuracy(self, epochs: int) -> float:
+        """Test accuracy after `epochs` full epochs from a fresh model."""
+        from torchvision import datasets
+        torch.manual_seed(0)
+        model = self.make_model()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-        dataset = datasets.MNIST(root=str(root), train=True, transform=transform, download=False)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
-        rates = []
-        it = iter(loader)
-        for chunk in range(repeats + 1):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                try:
-                    images, labels = next(it)
-                except StopIteration:
-                    it = iter(loader)
-                    images, labels = next(it)
+        for _ in range(epochs):
+            for images, labels in self.loader:
                 optimizer.zero_grad()
-                loss = F.cross_entropy(model(images), labels)
-                loss.backward()
+                F.cross_entropy(model(images), labels).backward()
                 optimizer.step()
-            if chunk:
-                rates.append(steps * batch_size / (time.perf_counter() - t0))
-        accuracy = None
-        if epochs:
-            torch.manual_seed(0)
-            model = make_model()
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-            for _ in range(epochs):
-                for images, labels in loader:
-                    optimizer.zero_grad()
-                    F.cross_entropy(model(images), labels).backward()
-                    optimizer.step()
-            test = datasets.MNIST(root=str(root), train=False, transform=transform, download=False)
-            images = torch.stack([test[i][0] for i in range(len(test))])
-            accuracy = evaluate_split(model, images, test.targets)["acc"]
-        return statistics.median(rates), accuracy
+        test = datasets.MNIST(root=str(self.root), train=False, transform=self.transform, download=False)
+        images = torch.stack([test[i][0] for i in range(len(test))])
+        return evaluate_split(model, images, test.targets)["acc"]
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+REFERENCE_MODELS = {"reference": ReferenceCNN, "paramshare": paramshare_cnn}
+
+
+def reference_worker(args) -> None:
+    """The reference loop in this fresh process, driven over stdin: `chunk` runs --steps steps and
+    prints their images/s, `accuracy N` prints the test accuracy after N epochs (JSON lines)."""
+    set_threads(0)
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("keep_freed_memory had no effect here (not glibc, or MALLOC_* set)")
+    loop = ReferenceLoop(Path(args.mirror), args.batch_size, REFERENCE_MODELS[args.reference_model])
+    try:
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            command, *rest = line.split()
+            if command == "chunk":
+                print(json.dumps({"images_per_s": loop.chunk(args.steps)}), flush=True)
+            elif command == "accuracy":
+                print(json.dumps({"accuracy": loop.accuracy(int(rest[0]))}), flush=True)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        loop.close()
+
+
+class ReferenceProcess:
+    """A reference loop in a child process: this process's malloc settings (paramshare's loop
+    changes them) and memory state do not reach it, yet its chunks can alternate with ours."""
+
+    def __init__(self, args, model: str, kept: bool):
+        command = [sys.executable, __file__, "--reference-worker", "--reference-model", model,
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--mirror", args.mirror]
+        self.proc = subprocess.Popen(command + (["--keep-freed-memory"] if kept else []),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the reference loop process failed (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def _ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def chunk(self) -> float:
+        return self._ask("chunk")["images_per_s"]
+
+    def accuracy(self, epochs: int) -> float:
+        return self._ask(f"accuracy {epochs}")["accuracy"]
+
+    def median(self, repeats: int) -> float:
+        """Median images/s of `repeats` chunks after one warm-up chunk."""
+        self.chunk()
+        return statistics.median(self.chunk() for _ in range(repeats))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def paramshare_chunks(data, family: str, tied: bool, steps: int, batch_size: int,
+                      placement: distributed.Placement | None = None) -> Callable[[], float]:
+    """A function that runs `steps` more steps of paramshare.training.fit on one model and
+    returns their images/s (under torchrun, every rank's images; 0.0 on ranks other than 0)."""
+    hparams = dataclasses.asdict(Config().model.family(family))
+    train = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3)
+    seed_everything(0)
+    model = build(family, tied, hparams)
+    chunks = iter(range(1 << 30))
+
+    def run() -> float:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            result = fit(model, data, train, next(chunks), max_steps=steps, placement=placement)
+        return result.history[0]["images_per_s"] if result.history else 0.0
+    return run
 
 
 def paramshare_loop(data, family: str, tied: bool, steps: int, repeats: int, batch_size: int,
                     placement: distributed.Placement | None = None) -> float:
-    """Images/s of paramshare.training.fit over `steps` steps (median of repeats; warm-up dropped).
-    Under torchrun (a placement of several ranks) the images of every rank are counted."""
-    cfg = Config()
-    hparams = dataclasses.asdict(cfg.model.family(family))
-    train = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3)
-    seed_everything(0)
-    model = build(family, tied, hparams)
-    rates = []
-    for chunk in range(repeats + 1):
-        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            result = fit(model, data, train, chunk, max_steps=steps, placement=placement)
-        if chunk and result.history:
-            rates.append(result.history[0]["images_per_s"])
-    return statistics.median(rates) if rates else 0.0
+    """Median images/s of `repeats` chunks of fit after one warm-up chunk."""
+    run = paramshare_chunks(data, family, tied, steps, batch_size, placement)
+    run()
+    return statistics.median(run() for _ in range(repeats))
 
 
 def ddp_worker(args) -> None:
@@ -218,6 +292,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="chunks of the reference loop and of paramshare's conv loop, alternated; the "
+                             "headline ratio is the median of the pairs' ratios")
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--accuracy-epochs", type=int, default=1,
                         help="also train the reference CNN this many full epochs in both loops and compare "
@@ -227,10 +304,17 @@ def main() -> None:
     parser.add_argument("--processes", default="1,2",
                         help="torch.distributed process counts to compare on conv and mlp (empty: skip)")
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reference-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reference-model", choices=sorted(REFERENCE_MODELS), default="reference",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--keep-freed-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--family-under-test", default="conv", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ddp_worker:
         ddp_worker(args)
+        return
+    if args.reference_worker:
+        reference_worker(args)
         return
     threads = set_threads(0)
     mirror = Path(args.mirror)
@@ -242,26 +326,43 @@ def main() -> None:
     peak = matmul_gflops()
     print(f"{time.strftime('%Y-%m-%d')}  {os.cpu_count()} cores, {threads} torch threads, "
           f"torch {torch.__version__}, matmul {peak:.1f} GFLOP/s (1024x1024 fp32)\n")
-    ref, ref_acc = reference_loop(mirror, args.steps, args.repeats, args.batch_size, args.accuracy_epochs)
-    print(f"{'model':<22} {'images/s':>9} {'s/epoch':>8} {'x ref':>6} {'GFLOP/s':>8} {'% matmul':>9}")
+    reference = ReferenceProcess(args, "reference", kept=False)
+    ours = paramshare_chunks(data, "conv", True, args.steps, args.batch_size)
+    reference.chunk()
+    ours()
+    rounds = [(reference.chunk(), ours()) for _ in range(args.rounds)]
+    ref_acc = reference.accuracy(args.accuracy_epochs) if args.accuracy_epochs else None
+    reference.close()
+    ref = statistics.median(r for r, _ in rounds)
+    print(f"{'model':<24} {'images/s':>9} {'s/epoch':>8} {'x ref':>6} {'GFLOP/s':>8} {'% matmul':>9}")
     ref_flops = training_flops_per_image(paramshare_cnn())
-    same_model, _ = reference_loop(mirror, args.steps, args.repeats, args.batch_size, make_model=paramshare_cnn)
-    for name, rate in (("reference loop", ref), ("  on paramshare ConvNet", same_model)):
-        print(f"{name:<22} {rate:>9.0f} {55000 / rate:>8.1f} {rate / ref:>6.2f} "
-              f"{rate * ref_flops / 1e9:>8.1f} {100 * rate * ref_flops / 1e9 / peak:>8.0f}%")
+    rows = [("reference loop", ref)]
+    for name, model in (("  + freed memory kept", "reference"), ("  + paramshare ConvNet", "paramshare")):
+        variant = ReferenceProcess(args, model, kept=True)
+        rows.append((name, variant.median(args.repeats)))
+        variant.close()
+    for name, rate in rows:
+        print(f"{name:<24} {rate:>9.0f} {55000 / rate:>8.1f} {rate / ref:>6.2f} "
+              f"{rate * ref_flops / 1e9:>8.1f} {100 * rate * ref_flops / 1e9 / peak:>8.0f}%", flush=True)
     below: dict[str, str] = {}
     for family in args.families.split(","):
         for tied in (True, False):
             if family == "mlp" and not tied:
                 continue
-            rate = paramshare_loop(data, family, tied, args.steps, args.repeats, args.batch_size)
+            if (family, tied) == ("conv", True):
+                rate = statistics.median(mine for _, mine in rounds)
+            else:
+                rate = paramshare_loop(data, family, tied, args.steps, args.repeats, args.batch_size)
             flops = training_flops_per_image(build(family, tied, dataclasses.asdict(Config().model.family(family))))
             name = f"{family} {'tied' if tied else 'untied'}"
             share = rate * flops / 1e9 / peak
-            print(f"{name:<22} {rate:>9.0f} {55000 / rate:>8.1f} {rate / ref:>6.2f} "
+            print(f"{name:<24} {rate:>9.0f} {55000 / rate:>8.1f} {rate / ref:>6.2f} "
                   f"{rate * flops / 1e9:>8.1f} {100 * share:>8.0f}%", flush=True)
             if share < 0.3:
                 below[name] = BELOW_30_PERCENT.get(name) or BELOW_30_PERCENT.get(family, "")
+    ratios = [mine / theirs for theirs, mine in rounds]
+    print(f"\nreference CNN, paramshare loop against the reference loop, {args.rounds} alternating chunks: "
+          + ", ".join(f"{x:.2f}x" for x in ratios) + f" (median {statistics.median(ratios):.2f}x)")
     if below:
         print("\nbelow 30% of the matmul rate, and why:")
         for name, why in below.items():
@@ -275,10 +376,10 @@ def main() -> None:
     if counts:
         print(f"\ntorch.distributed (DDP, gloo) under torchrun, global batch {args.batch_size}, "
               f"{os.cpu_count()} cores shared out between the processes:")
-        print(f"{'model':<22} " + " ".join(f"{f'{n} proc img/s':>14}" for n in counts) + f" {'speed-up':>9}")
+        print(f"{'model':<24} " + " ".join(f"{f'{n} proc img/s':>14}" for n in counts) + f" {'speed-up':>9}")
         for family in ("conv", "mlp"):
             rates = [processes_rate(args, family, n) for n in counts]
-            print(f"{family + ' tied':<22} " + " ".join(f"{r:>14.0f}" for r in rates)
+            print(f"{family + ' tied':<24} " + " ".join(f"{r:>14.0f}" for r in rates)
                   + f" {rates[-1] / rates[0]:>8.2f}x", flush=True)
     again = matmul_gflops()
     if again > peak:
