@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import gzip
+import itertools
 import json
 import os
 import resource
@@ -224,7 +225,7 @@ def paramshare_chunks(data, family: str, tied: bool, steps: int, batch_size: int
     train = TrainConfig(epochs=1, batch_size=batch_size, lr=1e-3)
     seed_everything(0)
     model = build(family, tied, hparams)
-    chunks = iter(range(1 << 30))
+    chunks = itertools.count()
 
     def run() -> float:
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):

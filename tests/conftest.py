@@ -1,4 +1,6 @@
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,18 @@ def small_prepared(raw_mnist):
 @pytest.fixture(autouse=True)
 def _torch_threads():
     torch.set_num_threads(2)
+
+
+def interrupt_in_epoch_2(command, cwd, env, timeout: int) -> tuple[int, str]:
+    """Start a train stage, SIGTERM it once it prints epoch 2; its exit status and stderr."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not proc.stdout.readline().startswith("epoch 2/"):
+        pass
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def resumed_after(stdout: str) -> int:
+    """The epoch a re-run train stage says it resumes after."""
+    return int(stdout.split("resuming after epoch ")[1].split("/")[0])

@@ -14,7 +14,7 @@ from paramshare.metrics import shared_parameters, unique_param_count
 from paramshare.models import build
 from paramshare.training import fit, seed_everything
 
-from .conftest import ROOT
+from .conftest import ROOT, interrupt_in_epoch_2, resumed_after
 
 TRAIN = {"epochs": 2, "batch_size": 31, "lr": 3e-3}
 CASES = {
@@ -152,26 +152,20 @@ def test_a_terminated_distributed_stage_resumes_to_the_weights_of_an_uninterrupt
     """SIGTERM reaches torchrun (the stage execs into it), which passes it to both ranks; rank 0
     marks the run KILLED. The re-run's rank 0 reads the checkpoint and broadcasts it, and both
     ranks continue to exactly the weights of a distributed run never stopped."""
-    import signal
-
     reference, root = tmp_path / "reference", tmp_path / "interrupted"
     done = subprocess.run(STAGE, cwd=reference, env=distributed_workspace(small_prepared, reference, epochs=6),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     env = distributed_workspace(small_prepared, root, epochs=6)
-    proc = subprocess.Popen(STAGE, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and not proc.stdout.readline().startswith("epoch 2/"):
-        pass
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    returncode, err = interrupt_in_epoch_2(STAGE, root, env, timeout=120)
+    assert returncode != 0
     assert not (root / "metrics").exists()
     assert len(list((root / "checkpoints").glob("recurrent-*.pt"))) == 1
 
     resumed = subprocess.run(STAGE, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    after = int(resumed.stdout.split("resuming after epoch ")[1].split("/")[0])
+    after = resumed_after(resumed.stdout)
     assert 1 <= after < 6
     def weights(where):
         return torch.load(where / "models/recurrent/model.pt", weights_only=True)["state_dict"]

@@ -19,7 +19,7 @@ from paramshare.errors import TrackingError
 from paramshare.metrics import unique_param_count
 from paramshare.models import build
 
-from .conftest import ROOT
+from .conftest import ROOT, interrupt_in_epoch_2, resumed_after
 
 
 @pytest.fixture
@@ -198,18 +198,14 @@ def test_an_interrupted_train_stage_resumes_to_the_result_of_an_uninterrupted_on
     subprocess.run(stage, cwd=reference, env=_stage_env(reference, "resume"), check=True, capture_output=True)
 
     env = _stage_env(workspace, "resume")
-    proc = subprocess.Popen(stage, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and "epoch 2/" not in proc.stdout.readline():
-        pass
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    returncode, err = interrupt_in_epoch_2(stage, workspace, env, timeout=60)
+    assert returncode == 130, err[-2000:]
     assert not (workspace / "metrics").exists()
     assert len(list((workspace / "checkpoints").glob("mlp-*.pt"))) == 1
 
     resumed = subprocess.run(stage, cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    after = int(resumed.stdout.split("resuming after epoch ")[1].split("/")[0])
+    after = resumed_after(resumed.stdout)
     assert 1 <= after < 30
     trained = [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("epoch ")]
     assert trained == [f"{e}/30" for e in range(after + 1, 31)]
