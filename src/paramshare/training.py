@@ -283,7 +283,7 @@ def train_variant(cfg: Config, family: str, max_steps: int | None = None) -> dic
 
     Under torchrun every rank trains; rank 0 alone tracks and writes, and returns the summary
     (the other ranks return None)."""
-    from paramshare import distributed, tracking
+    from paramshare import distributed, kernels, tracking
 
     place = distributed.start(cfg.train.device)
     try:
@@ -310,6 +310,7 @@ def train_variant(cfg: Config, family: str, max_steps: int | None = None) -> dic
             model.to("cpu")
             if result.resumed_after:
                 run.set_tag("resumed_after_epoch", str(result.resumed_after))
+            run.set_tag("kernels", kernels.report())
             final = result.history[-1]
             summary = {
                 "family": family,
