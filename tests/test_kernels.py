@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,28 @@ def test_switched_off_by_the_environment(tmp_path):
     assert "kernel: False off (PARAMSHARE_KERNELS=0)" in done.stdout
     assert not (tmp_path / "ext").exists() and "unavailable" not in done.stderr
 
+
+
+def test_the_next_process_imports_the_build_without_rebuilding(tmp_path):
+    built = Path(kernels.extension().__file__)
+    before = built.stat().st_mtime_ns
+    done = _load_in_subprocess({}, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "kernel: True fused" in done.stdout and "compiling" not in done.stderr
+    assert built.stat().st_mtime_ns == before
+
+
+def test_fit_builds_the_kernel_up_front_only_for_a_model_that_can_use_it(tmp_path):
+    code = textwrap.dedent("""
+        from paramshare import kernels
+        from paramshare.models import build
+        calls = []
+        for family, tied in (("mlp", True), ("conv", False), ("recurrent", True), ("conv", True)):
+            kernels.build_for(build(family, tied, {}))
+            calls.append(kernels.extension.cache_info().currsize)
+        print(calls)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PARAMSHARE_KERNELS": "0"},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[0, 0, 0, 1]"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from paramshare import paths
+from paramshare import kernels, paths
 from paramshare.config import Config, ConfigError, TrainConfig
 from paramshare.data import Prepared, atomic_write, atomic_write_json, atomic_write_text, normalise, read_digest
 from paramshare.distributed import Placement
@@ -151,6 +151,8 @@ def fit(model: nn.Module, data: Prepared, cfg: TrainConfig, seed: int,
     keep_freed_memory()
     g = seed_everything(seed)
     model.to(place.device)
+    if place.device.type == "cpu":
+        kernels.build_for(model)
     every = normalise(data.train_images).to(place.device)
     images = every[data.labelled.to(place.device)]
     labels = data.train_labels[data.labelled].long().to(place.device)
@@ -283,7 +285,7 @@ def train_variant(cfg: Config, family: str, max_steps: int | None = None) -> dic
 
     Under torchrun every rank trains; rank 0 alone tracks and writes, and returns the summary
     (the other ranks return None)."""
-    from paramshare import distributed, kernels, tracking
+    from paramshare import distributed, tracking
 
     place = distributed.start(cfg.train.device)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -20,6 +21,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from torch import nn
 
 _SOURCE = Path(__file__).with_name("conv_pool_relu.cpp")
@@ -27,23 +29,20 @@ _enabled = True
 _fused_calls = 0
 
 
-def _machine_tag() -> str:
-    """Compiled with -march=native: the build must not be reused by another CPU or torch."""
+def _build_key(flags: list[str]) -> str:
+    """What the build depends on: the source, the flags, and (for -march=native) the CPU, torch
+    and Python. A build is reused only under the same key; a new key builds from scratch."""
     cpu = platform.processor()
     with contextlib.suppress(OSError):
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), cpu)
-    blob = "|".join((torch.__version__, sys.version, platform.machine(), cpu))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def _build_dir(name: str) -> Path:
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
-    path = Path(root) / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    blob = "|".join((_SOURCE.read_text(), " ".join(flags), torch.__version__, sys.version, platform.machine(), cpu))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _compile() -> ModuleType:
+    """Import the build for this key, or build it. A finished build is imported directly rather
+    than through cpp_extension.load, whose ninja up-to-date check rebuilds (~25 s) whenever
+    another ninja binary (the pip package's or the system's) built it last."""
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)  # "No CUDA runtime is found": irrelevant to a CPU kernel
@@ -51,13 +50,21 @@ def _compile() -> ModuleType:
         from torch.utils import cpp_extension
     finally:
         logger.setLevel(level)
-    name = f"paramshare_kernels_{_machine_tag()}"
-    build = _build_dir(name)
     flags = ["-O3"] + (["-march=native"] if platform.machine().lower() in ("x86_64", "amd64") else [])
-    if not any(build.glob(f"{name}*.so")):
+    name = f"paramshare_kernels_{_build_key(flags)}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    build = Path(root) / name
+    build.mkdir(parents=True, exist_ok=True)
+    built = build / f"{name}{'.pyd' if sys.platform == 'win32' else '.so'}"
+    with FileLock(build / "paramshare.lock"):
+        if built.is_file():
+            spec = importlib.util.spec_from_file_location(name, built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
         print(f"paramshare: compiling {_SOURCE.name} (once per machine, ~30 s) in {build}", file=sys.stderr, flush=True)
-    return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, build_directory=str(build),
-                              verbose=False)
+        return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, build_directory=str(build),
+                                  verbose=False)
 
 
 @functools.cache
@@ -99,12 +106,23 @@ class _ConvPoolReLU(torch.autograd.Function):
         return None, grad_weight, grad_bias
 
 
-def _fusable(layer: nn.Module, x: torch.Tensor) -> bool:
+def _fusable_layer(layer: nn.Module) -> bool:
     return (isinstance(layer, nn.Conv2d) and layer.in_channels == 1 and layer.kernel_size == (3, 3)
             and layer.padding == (1, 1) and layer.stride == (1, 1) and layer.dilation == (1, 1)
             and layer.groups == 1 and layer.bias is not None and layer.padding_mode == "zeros"
-            and x.device.type == "cpu" and x.dtype == layer.weight.dtype == torch.float32
-            and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2 and not x.requires_grad)
+            and layer.weight.dtype == torch.float32)
+
+
+def _fusable(layer: nn.Module, x: torch.Tensor) -> bool:
+    return (_fusable_layer(layer) and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.shape[2] >= 2 and x.shape[3] >= 2 and not x.requires_grad)
+
+
+def build_for(model: nn.Module) -> None:
+    """Build (or import) the kernels model's forward can use, so that a first build's ~30 s
+    does not land inside a timed epoch. Nothing for models that cannot use them."""
+    if _enabled and any(_fusable_layer(m) for m in model.modules()):
+        extension()
 
 
 def conv_pool_relu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
