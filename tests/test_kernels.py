@@ -170,3 +170,16 @@ def test_fit_builds_the_kernel_up_front_only_for_a_model_that_can_use_it(tmp_pat
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[0, 0, 0, 1]"
+
+
+def test_nan_propagates_as_through_pytorchs_ops():
+    torch.manual_seed(5)
+    layer = nn.Conv2d(1, 16, 3, padding=1)
+    x = torch.randn(3, 1, 8, 8)
+    x[0, 0, 3, 4] = float("nan")
+    x[2, 0, 0, 0] = float("nan")
+    out = kernels.conv_pool_relu(layer, x)
+    with kernels.disabled():
+        expected = kernels.conv_pool_relu(layer, x)
+    assert out.isnan().sum() == expected.isnan().sum() > 0
+    torch.testing.assert_close(out, expected, equal_nan=True, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@
 // backward recomputes the windows from the input instead of reading a full-size gradient.
 //
 // Maths: the same function. The max keeps the first of equal values in row-major order within
-// the 2x2 window, as max_pool2d does; ReLU after the max equals max after ReLU. Sums run in
+// the 2x2 window, and a NaN wins, as in max_pool2d; ReLU after the max equals max after ReLU. Sums run in
 // another order than oneDNN's, so results match PyTorch's to float rounding. The weight
 // gradient sums fixed chunks of images and then the chunks in order, so it does not depend on
 // the number of threads.
@@ -101,12 +101,13 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, c
             vf best = acc[0];
             vi arg = {};
             for (int p = 1; p < 4; ++p) {
-              const vi more = acc[p] > best;
+              const vi more = (acc[p] > best) | (acc[p] != acc[p]);  // a NaN wins, as in max_pool2d
               best = more ? acc[p] : best;
               arg = more ? p : arg;
             }
             const int64_t at = ((n * Ho + i) * Wo + j) * C + c0;
-            store(op + at, best > 0.0f ? best : 0.0f, nc);
+            const vi keep = (best > 0.0f) | (best != best);  // relu(NaN) is NaN
+            store(op + at, keep ? best : 0.0f, nc);
             store(pp + at, __builtin_convertvector(arg, vb), nc);
           }
         }
