@@ -13,7 +13,7 @@ from torch import nn
 from paramshare import kernels
 from paramshare.models import build
 
-pytestmark = pytest.mark.skipif(kernels.extension() is None, reason="no C++ compiler: the kernel cannot be built")
+needs_build = pytest.mark.skipif(kernels.extension() is None, reason="no C++ compiler: the kernel cannot be built")
 
 
 def reference(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,7 @@ def fused_and_reference(layer: nn.Conv2d, x: torch.Tensor, upstream: torch.Tenso
     return fused, (ref.detach(), grad_w, grad_b)
 
 
+@needs_build
 @pytest.mark.parametrize(("batch", "channels", "height", "width"),
                          [(64, 32, 28, 28), (5, 20, 28, 28), (3, 7, 11, 9), (1, 33, 2, 2)])
 def test_output_and_gradients_match_pytorch(batch, channels, height, width):
@@ -50,6 +51,7 @@ def test_output_and_gradients_match_pytorch(batch, channels, height, width):
     assert (out == 0).any() and (out > 0).any()
 
 
+@needs_build
 def test_ties_send_the_gradient_where_max_pool_does():
     """Equal values in a window (a flat image, a bias-only conv): max_pool2d's gradient goes to
     the first of them in row-major order, and so does the kernel's."""
@@ -66,6 +68,7 @@ def test_ties_send_the_gradient_where_max_pool_does():
     torch.testing.assert_close(grad_b.double(), ref_b, rtol=1e-5, atol=1e-5)
 
 
+@needs_build
 def test_results_do_not_depend_on_the_thread_count():
     torch.manual_seed(2)
     layer = nn.Conv2d(1, 32, 3, padding=1)
@@ -86,6 +89,7 @@ def test_results_do_not_depend_on_the_thread_count():
             assert torch.equal(a, b)
 
 
+@needs_build
 def test_pytorch_ops_when_disabled_or_when_the_input_needs_a_gradient():
     torch.manual_seed(3)
     layer = nn.Conv2d(1, 8, 3, padding=1)
@@ -104,6 +108,7 @@ def test_pytorch_ops_when_disabled_or_when_the_input_needs_a_gradient():
     assert kernels._fused_calls == before + 1 and kernels.report() == "fused"
 
 
+@needs_build
 def test_convnet_uses_the_kernel_and_matches_its_pytorch_twin():
     """The whole model, fused and not: same outputs and gradients, to float rounding."""
     torch.manual_seed(4)
@@ -127,7 +132,8 @@ def _load_in_subprocess(env: dict, tmp_path) -> subprocess.CompletedProcess:
         assert torch.allclose(kernels.conv_pool_relu(layer, x), F.relu(F.max_pool2d(layer(x), 2)), atol=1e-6)
         print("kernel:", kernels.extension() is not None, kernels.report())
     """)
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, cwd=tmp_path,
+    inherited = {k: v for k, v in os.environ.items() if k != "PARAMSHARE_KERNELS"}
+    return subprocess.run([sys.executable, "-c", code], env={**inherited, **env}, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -147,6 +153,7 @@ def test_switched_off_by_the_environment(tmp_path):
 
 
 
+@needs_build
 def test_the_next_process_imports_the_build_without_rebuilding(tmp_path):
     built = Path(kernels.extension().__file__)
     before = built.stat().st_mtime_ns
@@ -172,6 +179,7 @@ def test_fit_builds_the_kernel_up_front_only_for_a_model_that_can_use_it(tmp_pat
     assert done.stdout.strip() == "[0, 0, 0, 1]"
 
 
+@needs_build
 def test_nan_propagates_as_through_pytorchs_ops():
     torch.manual_seed(5)
     layer = nn.Conv2d(1, 16, 3, padding=1)
