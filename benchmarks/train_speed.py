@@ -346,6 +346,14 @@ def main() -> None:
     reference.close()
     ref = statistics.median(r for r, _, _ in rounds)
     print(f"{'model':<24} {'images/s':>9} {'s/epoch':>8} {'x ref':>6} {'GFLOP/s':>8} {'% matmul':>9}")
+
+    def row(name: str, rate: float, flops: float) -> float:
+        """Print one table row; returns the share of the matmul rate."""
+        share = rate * flops / 1e9 / peak
+        print(f"{name:<24} {rate:>9.0f} {55000 / rate:>8.1f} {rate / ref:>6.2f} {rate * flops / 1e9:>8.1f} "
+              f"{100 * share:>8.0f}%", flush=True)
+        return share
+
     ref_flops = training_flops_per_image(paramshare_cnn())
     rows = [("reference loop", ref)]
     for name, model in (("  + freed memory kept", "reference"), ("  + paramshare ConvNet", "paramshare")):
@@ -353,8 +361,7 @@ def main() -> None:
         rows.append((name, variant.median(args.repeats)))
         variant.close()
     for name, rate in rows:
-        print(f"{name:<24} {rate:>9.0f} {55000 / rate:>8.1f} {rate / ref:>6.2f} "
-              f"{rate * ref_flops / 1e9:>8.1f} {100 * rate * ref_flops / 1e9 / peak:>8.0f}%", flush=True)
+        row(name, rate, ref_flops)
     below: dict[str, str] = {}
     for family in args.families.split(","):
         for tied in (True, False):
@@ -366,15 +373,10 @@ def main() -> None:
                 rate = paramshare_loop(data, family, tied, args.steps, args.repeats, args.batch_size)
             flops = training_flops_per_image(build(family, tied, dataclasses.asdict(Config().model.family(family))))
             name = f"{family} {'tied' if tied else 'untied'}"
-            share = rate * flops / 1e9 / peak
-            print(f"{name:<24} {rate:>9.0f} {55000 / rate:>8.1f} {rate / ref:>6.2f} "
-                  f"{rate * flops / 1e9:>8.1f} {100 * share:>8.0f}%", flush=True)
-            if share < 0.3:
+            if row(name, rate, flops) < 0.3:
                 below[name] = BELOW_30_PERCENT.get(name) or BELOW_30_PERCENT.get(family, "")
             if (family, tied) == ("conv", True):
-                rate = statistics.median(p for _, _, p in rounds)
-                print(f"{'  PyTorch ops only':<24} {rate:>9.0f} {55000 / rate:>8.1f} {rate / ref:>6.2f} "
-                      f"{rate * flops / 1e9:>8.1f} {100 * rate * flops / 1e9 / peak:>8.0f}%", flush=True)
+                row("  PyTorch ops only", statistics.median(p for _, _, p in rounds), flops)
     ratios = [mine / theirs for theirs, mine, _ in rounds]
     print(f"\nreference CNN, paramshare loop against the reference loop, {args.rounds} alternating chunks: "
           + ", ".join(f"{x:.2f}x" for x in ratios) + f" (median {statistics.median(ratios):.2f}x)")
